@@ -1,0 +1,192 @@
+"""The corpus as a stream of documents, read through HF `datasets` in streaming mode.
+
+Memory stays bounded whatever the corpus size: files are streamed record by record and handed out
+in batches of at most `batch_bytes` of text. Bad bytes never stop a run: invalid UTF-8 and NUL
+characters become U+FFFD and are counted; empty documents are skipped and counted.
+"""
+from __future__ import annotations
+
+import codecs
+import glob
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from .config import DataConfig
+from .errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+REPLACEMENT = "\ufffd"
+
+
+@dataclass
+class CorpusStats:
+    documents: int = 0
+    text_bytes: int = 0
+    skipped_empty: int = 0
+    replaced_chars: int = 0  # invalid UTF-8 sequences and NULs, now U+FFFD
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class DocumentBatch:
+    indices: list[int] = field(default_factory=list)  # position of each text in the corpus stream
+    texts: list[str] = field(default_factory=list)
+    num_bytes: int = 0  # approximate: characters
+
+
+# Invalid UTF-8 is counted as it is decoded: datasets passes `encoding_errors` on to open().
+_invalid_utf8 = [0]
+
+
+def _count_and_replace(exc: UnicodeDecodeError):
+    _invalid_utf8[0] += 1
+    return REPLACEMENT, exc.end
+
+
+codecs.register_error("pipeline_replace", _count_and_replace)
+
+
+def resolve_paths(patterns: list[str]) -> list[Path]:
+    """Expand files, directories (recursively, known suffixes) and globs to a sorted file list."""
+    if not patterns:
+        raise PipelineError("data.paths is empty: give data.paths=[file,dir,glob,...] with data=files")
+    found: set[Path] = set()
+    for pattern in patterns:
+        pattern = os.path.expanduser(str(pattern))
+        if glob.has_magic(pattern):
+            matches = [Path(p) for p in glob.glob(pattern, recursive=True)]
+            if not matches:
+                raise PipelineError(f"data.paths: the glob {pattern!r} matches no file")
+        elif os.path.isdir(pattern):
+            matches = [p for p in Path(pattern).rglob("*") if p.suffix.lower() in BUILDERS]
+            if not matches:
+                raise PipelineError(f"data.paths: the folder {pattern!r} holds no {'/'.join(BUILDERS)} file")
+        elif os.path.exists(pattern):
+            matches = [Path(pattern)]
+        else:
+            raise PipelineError(f"data.paths: {pattern!r} does not exist")
+        for path in matches:
+            if path.is_file():
+                if path.suffix.lower() not in BUILDERS:
+                    raise PipelineError(f"data.paths: {str(path)!r} is not one of {', '.join(BUILDERS)}")
+                found.add(path.resolve())
+    return sorted(found)
+
+
+def files_fingerprint(paths: list[Path]) -> list[list]:
+    """Cheap identity of the input files (like make: path, size, mtime) for stage skipping."""
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
+
+
+class Corpus:
+    """Streams the documents of `paths` in a fixed order: files sorted, records in file order."""
+
+    def __init__(self, paths: list[Path], data: DataConfig):
+        self.paths = paths
+        self.data = data
+        self.stats = CorpusStats()
+
+    def texts(self) -> Iterator[str]:
+        """Every non-empty document, cleaned, in corpus order."""
+        for path in self.paths:
+            yield from self._file_texts(path)
+
+    def batches(self, batch_bytes: int, num_parts: int = 1, part: int = 0) -> Iterator[DocumentBatch]:
+        """Documents in batches of about `batch_bytes`; with `num_parts`, only every num_parts-th
+        document starting at `part`, so that jobs split one corpus between them."""
+        batch = DocumentBatch()
+        for index, text in enumerate(self.texts()):
+            if index % num_parts != part:
+                continue
+            if batch.texts and batch.num_bytes >= batch_bytes:
+                yield batch
+                batch = DocumentBatch()
+            batch.indices.append(index)
+            batch.texts.append(text)
+            batch.num_bytes += len(text)  # characters: close enough to bytes for sizing a batch
+        if batch.texts:
+            yield batch
+
+    def _file_texts(self, path: Path) -> Iterator[str]:
+        builder = BUILDERS[path.suffix.lower()]
+        before = _invalid_utf8[0]
+        try:
+            if builder == "json" and not _is_valid_utf8(path):
+                # pyarrow's JSON reader ignores encoding_errors: read a repaired copy instead.
+                with tempfile.TemporaryDirectory(prefix="pipeline-utf8-") as tmp:
+                    repaired = Path(tmp) / path.name
+                    _repair_utf8(path, repaired)
+                    yield from self._clean(self._records(repaired, builder, shown_as=path), path)
+            else:
+                yield from self._clean(self._records(path, builder), path)
+        finally:
+            replaced = _invalid_utf8[0] - before
+            if replaced:
+                self.stats.replaced_chars += replaced
+                log.warning("%s: %d invalid UTF-8 sequences replaced by U+FFFD", path, replaced)
+
+    def _records(self, path: Path, builder: str, shown_as: Path | None = None) -> Iterator[object]:
+        import datasets  # slow to import; only stages that read the corpus pay for it
+
+        shown = shown_as or path
+        kwargs = {}
+        if builder == "text":
+            kwargs = dict(sample_by="paragraph" if self.data.split_on_blank_lines else "document",
+                          keep_linebreaks=True, encoding_errors="pipeline_replace")
+        try:
+            ds = datasets.load_dataset(builder, data_files=[str(path)], split="train", streaming=True, **kwargs)
+            for batch in ds.iter(batch_size=1024):
+                if builder != "text" and self.data.text_field not in batch:
+                    columns = ", ".join(batch) or "none"
+                    raise PipelineError(f"{shown}: no field {self.data.text_field!r} (columns: {columns}); "
+                                        f"set data.text_field=")
+                yield from batch["text" if builder == "text" else self.data.text_field]
+        except PipelineError:
+            raise
+        except Exception as exc:  # pyarrow / datasets parse errors name the row but not always the file
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise PipelineError(f"{shown}: cannot read as {builder}: {message}") from exc
+
+    def _clean(self, records: Iterator[object], path: Path) -> Iterator[str]:
+        """Count, repair and filter records."""
+        for record in records:
+            if record is None or (isinstance(record, str) and not record.strip()):
+                self.stats.skipped_empty += 1
+                continue
+            if not isinstance(record, str):
+                raise PipelineError(f"{path}: field {self.data.text_field!r} holds {type(record).__name__}, "
+                                    f"not text; point data.text_field at a string column")
+            if "\x00" in record:
+                self.stats.replaced_chars += record.count("\x00")
+                record = record.replace("\x00", REPLACEMENT)
+            self.stats.documents += 1
+            self.stats.text_bytes += len(record.encode("utf-8", "surrogatepass"))
+            yield record
+
+
+def _is_valid_utf8(path: Path) -> bool:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                decoder.decode(block)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _repair_utf8(src: Path, dst: Path) -> None:
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="pipeline_replace")
+    with open(src, "rb") as fin, open(dst, "w", encoding="utf-8") as fout:
+        while block := fin.read(1 << 22):
+            fout.write(decoder.decode(block))
+        fout.write(decoder.decode(b"", final=True))

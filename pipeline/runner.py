@@ -1,0 +1,257 @@
+"""Runs the requested stages in their fixed order, skipping those that are complete and unchanged.
+
+Each finished stage leaves `run_dir/stages/<stage>.json`: the sha256 of everything its outputs
+depend on (config and inputs) and the size (and, for small files, sha256) of every output. A stage
+is skipped when that record matches the current inputs and its outputs are still intact.
+Under a multi-rank launcher, data stages run on rank 0 and the other ranks wait for its record;
+`shard` splits the corpus between the ranks and rank 0 merges their parts.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
+
+from . import __version__
+from .config import STAGES, PipelineConfig
+from .corpus import Corpus, files_fingerprint, resolve_paths
+from .distributed import LaunchInfo
+from .errors import PipelineError
+from .fsutil import atomic_write_bytes, atomic_write_json, sha256_file
+
+log = logging.getLogger(__name__)
+
+SMALL_FILE = 16 << 20  # outputs up to this size are checked by sha256 before a skip, larger by size
+
+
+@dataclass
+class Context:
+    cfg: PipelineConfig
+    run_dir: Path
+    launch: LaunchInfo
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.run_dir / "tokenizer" / "tokenizer.model"
+
+    @cached_property
+    def corpus_paths(self) -> list[Path]:
+        if self.cfg.data.source == "default":
+            return [self.run_dir / "data" / "default" / "corpus.jsonl"]
+        if self.cfg.data.source != "files":
+            raise PipelineError(f"data.source={self.cfg.data.source!r}: use data=default or data=files")
+        return resolve_paths(self.cfg.data.paths)
+
+    def corpus_identity(self) -> object:
+        """What the corpus's content depends on, without reading it."""
+        if self.cfg.data.source == "default":
+            from .default_corpus import GENERATOR_VERSION
+
+            return {"generator": GENERATOR_VERSION, "seed": self.cfg.data.seed,
+                    "documents": self.cfg.data.default_num_documents}
+        return files_fingerprint(self.corpus_paths)
+
+    def open_corpus(self) -> Corpus:
+        if self.cfg.data.source == "default":
+            from .default_corpus import write_default_corpus
+
+            write_default_corpus(self.corpus_paths[0].parent, seed=self.cfg.data.seed,
+                                 num_documents=self.cfg.data.default_num_documents)
+            data = replace(self.cfg.data, text_field="text", split_on_blank_lines=False)
+            return Corpus(self.corpus_paths, data)
+        return Corpus(self.corpus_paths, self.cfg.data)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    inputs: Callable[[Context], dict]  # everything the outputs depend on
+    run: Callable[[Context], list[Path]] | None  # does the work; returns the output files
+    data_stage: bool = False  # runs on rank 0 (or split between ranks) before training starts
+
+
+def tokenize_inputs(ctx: Context) -> dict:
+    cfg = ctx.cfg.tokenizer
+    if cfg.path:
+        return {"reuse_sha256": sha256_file(Path(cfg.path)) if Path(cfg.path).is_file() else "missing"}
+    data = {k: v for k, v in asdict(ctx.cfg.data).items() if k != "val_fraction"}
+    settings = {k: v for k, v in asdict(cfg).items() if k != "num_threads"}
+    return {"tokenizer": settings, "data": data, "corpus": ctx.corpus_identity()}
+
+
+def run_tokenize(ctx: Context) -> list[Path]:
+    from .tokenizer import reuse_tokenizer, train_tokenizer
+
+    if ctx.cfg.tokenizer.path:
+        reuse_tokenizer(Path(ctx.cfg.tokenizer.path), ctx.tokenizer_path)
+    else:
+        train_tokenizer(ctx.open_corpus(), ctx.cfg.tokenizer, ctx.tokenizer_path)
+    return [ctx.tokenizer_path]
+
+
+def shard_inputs(ctx: Context) -> dict:
+    if not ctx.tokenizer_path.is_file():
+        raise PipelineError(f"no tokenizer at {ctx.tokenizer_path}: run stages=[tokenize,shard] "
+                            f"or set tokenizer.path= with stage tokenize")
+    shard = {k: v for k, v in asdict(ctx.cfg.shard).items() if k not in ("encode_threads", "batch_mb")}
+    return {"tokenizer_sha256": sha256_file(ctx.tokenizer_path), "data": asdict(ctx.cfg.data),
+            "corpus": ctx.corpus_identity(), "shard": shard}
+
+
+def run_shard(ctx: Context) -> list[Path]:
+    from .shard import MANIFEST, shard_corpus
+
+    manifest = shard_corpus(ctx.open_corpus(), ctx.cfg, ctx.tokenizer_path, ctx.run_dir)
+    shards = ctx.run_dir / "shards"
+    if ctx.cfg.shard.worker_index is not None:  # one part of several: the merge consumes it
+        return [ctx.run_dir / "shards.parts" / f"w{ctx.cfg.shard.worker_index:03d}" / "part.json"]
+    files = [shards / MANIFEST]
+    for split, body in manifest["splits"].items():
+        for shard in body["shards"]:
+            files += [shards / split / (shard["prefix"] + ".bin"), shards / split / (shard["prefix"] + ".idx")]
+    return files
+
+
+PIPELINE = (
+    Stage("tokenize", tokenize_inputs, run_tokenize, data_stage=True),
+    Stage("shard", shard_inputs, run_shard, data_stage=True),
+    Stage("pretrain", lambda ctx: {}, None),  # run=None: not built yet, refused before any work
+    Stage("finetune", lambda ctx: {}, None),
+    Stage("export", lambda ctx: {}, None),
+)
+
+
+def prepare_run_dir(cfg: PipelineConfig) -> Path:
+    run_dir = Path(cfg.run_dir).expanduser().resolve()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "stages").mkdir(exist_ok=True)
+    except OSError as exc:
+        raise PipelineError(f"run_dir={cfg.run_dir!r} cannot be created ({exc.strerror}); pick a writable run_dir") from exc
+    if not os.access(run_dir, os.W_OK):
+        raise PipelineError(f"run_dir={cfg.run_dir!r} is not writable; pick a writable run_dir")
+    return run_dir
+
+
+def run_pipeline(cfg: PipelineConfig, resolved_yaml: str) -> None:
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        raise PipelineError(f"unknown stage(s) {unknown} in stages=; choose from {list(STAGES)}")
+    unbuilt = [stage.name for stage in PIPELINE if stage.name in cfg.stages and stage.run is None]
+    if unbuilt:
+        raise PipelineError(f"stage(s) {unbuilt} are not built in this version: run stages=[tokenize,shard]")
+    launch = LaunchInfo.from_env()
+    auto_split = launch.under_launcher and cfg.shard.num_workers == 1 and cfg.shard.worker_index is None
+    if auto_split:  # every rank encodes its own part of the corpus, on its share of the cores
+        threads = cfg.shard.encode_threads or max(1, (os.cpu_count() or 1) // launch.local_world_size)
+        cfg = replace(cfg, shard=replace(cfg.shard, num_workers=launch.world_size, worker_index=launch.rank,
+                                         encode_threads=threads))
+    ctx = Context(cfg=cfg, run_dir=prepare_run_dir(cfg), launch=launch)
+    if launch.rank == 0:
+        atomic_write_bytes(ctx.run_dir / "config.yaml", resolved_yaml.encode())
+    for stage in PIPELINE:
+        if stage.name not in cfg.stages:
+            continue
+        if stage.name == "shard" and cfg.shard.worker_index is not None:
+            run_shard_part(stage, ctx, merge=auto_split)
+        elif stage.data_stage and launch.rank != 0:
+            wait_for_record(stage, ctx)
+        else:
+            run_stage(stage, ctx)
+
+
+def run_stage(stage: Stage, ctx: Context, marker_name: str | None = None) -> None:
+    marker = ctx.run_dir / "stages" / f"{marker_name or stage.name}.json"
+    inputs = stage.inputs(ctx)
+    digest = inputs_digest(inputs)
+    if not ctx.cfg.force and is_complete(marker, digest, ctx.run_dir):
+        log.info("%s: complete and unchanged, skipped (force=true reruns it)", stage.name)
+        return
+    marker.unlink(missing_ok=True)  # an interrupted rerun must not look complete
+    started = time.time()
+    log.info("%s: running", marker_name or stage.name)
+    outputs = stage.run(ctx)
+    record = {"stage": stage.name, "inputs_sha256": digest, "inputs": inputs, "version": __version__,
+              "seconds": round(time.time() - started, 3), "outputs": describe_outputs(outputs, ctx.run_dir)}
+    atomic_write_json(marker, record)
+
+
+def run_shard_part(stage: Stage, ctx: Context, merge: bool) -> None:
+    """One job's part of `shard`; with `merge` (parts split by the launcher's ranks), rank 0 then
+    merges all parts and the other ranks wait for it."""
+    whole = Context(cfg=replace(ctx.cfg, shard=replace(ctx.cfg.shard, worker_index=None)),
+                    run_dir=ctx.run_dir, launch=ctx.launch)
+    whole_marker = ctx.run_dir / "stages" / "shard.json"
+    if not ctx.cfg.force and is_complete(whole_marker, inputs_digest(stage.inputs(whole)), ctx.run_dir):
+        log.info("shard: complete and unchanged, skipped (force=true reruns it)")
+        return
+    run_stage(stage, ctx, marker_name=f"shard-part{ctx.cfg.shard.worker_index:03d}")
+    if not merge:
+        return
+    if ctx.launch.rank != 0:
+        wait_for_record(stage, whole)
+        return
+    for part in range(ctx.cfg.shard.num_workers):
+        part_ctx = Context(cfg=replace(ctx.cfg, shard=replace(ctx.cfg.shard, worker_index=part)),
+                           run_dir=ctx.run_dir, launch=ctx.launch)
+        wait_for_record(stage, part_ctx, marker_name=f"shard-part{part:03d}")
+    run_stage(stage, whole)
+
+
+def inputs_digest(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+WAIT_TIMEOUT_S = float(os.environ.get("PIPELINE_DATA_WAIT_TIMEOUT", 6 * 3600))
+
+
+def wait_for_record(stage: Stage, ctx: Context, marker_name: str | None = None) -> None:
+    """Poll for another rank's completion record (data stages run before any process group exists)."""
+    what = marker_name or stage.name
+    marker = ctx.run_dir / "stages" / f"{what}.json"
+    digest = inputs_digest(stage.inputs(ctx))
+    log.info("%s: waiting for rank 0", what)
+    deadline = time.monotonic() + WAIT_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            record = json.loads(marker.read_text())
+            if record.get("inputs_sha256") == digest:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(1.0)
+    raise PipelineError(f"waited {WAIT_TIMEOUT_S:.0f} s for {what} ({marker}); check the other ranks' logs")
+
+
+def describe_outputs(paths: list[Path], run_dir: Path) -> dict:
+    described = {}
+    for path in paths:
+        size = path.stat().st_size
+        described[str(path.relative_to(run_dir))] = {"size": size,
+                                                     "sha256": sha256_file(path) if size <= SMALL_FILE else None}
+    return described
+
+
+def is_complete(marker: Path, digest: str, run_dir: Path) -> bool:
+    try:
+        record = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    if record.get("inputs_sha256") != digest:
+        log.info("%s: inputs or config changed since the last run, rerunning", record.get("stage"))
+        return False
+    for rel, expected in record.get("outputs", {}).items():
+        path = run_dir / rel
+        if not path.is_file() or path.stat().st_size != expected["size"]:
+            log.info("%s: output %s is missing or changed, rerunning", record["stage"], rel)
+            return False
+        if expected["sha256"] and sha256_file(path) != expected["sha256"]:
+            log.info("%s: output %s is changed, rerunning", record["stage"], rel)
+            return False
+    return True

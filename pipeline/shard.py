@@ -1,0 +1,232 @@
+"""`shard` stage: encode the corpus and write Megatron/GPT-NeoX MMIDIDX token shards.
+
+Speed: SentencePiece's batch encode runs on all cores with the GIL released, while this thread
+reads the next batch and writes the previous one. Memory: at most three batches of `shard.batch_mb`.
+Determinism: documents keep corpus order and shards roll over at document boundaries by size, so the
+bytes on disk depend on neither the thread count nor the batch size.
+Crash safety: everything is written into `shards.tmp/`, the manifest last, and the folder is renamed
+to `shards/` only when complete. Jobs that each write one part (`shard.num_workers`) publish
+`shards.parts/wNNN/`, and a merge step links the parts into `shards/` with one manifest.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import shutil
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from .config import PipelineConfig
+from .corpus import Corpus, DocumentBatch
+from .errors import PipelineError
+from .fsutil import atomic_write_json, fsync_dir, replace_dir, sha256_file
+from .indexed import IndexedDatasetWriter, ShardInfo, token_dtype
+from .tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val")
+MANIFEST = "manifest.json"
+PART_MANIFEST = "part.json"
+
+
+def is_validation(indices: np.ndarray, seed: int, fraction: float) -> np.ndarray:
+    """Seeded per-document split (splitmix64 of the document's corpus index): independent of batching
+    and of how many jobs share the corpus."""
+    with np.errstate(over="ignore"):  # wrap-around multiplication is the point of the hash
+        x = indices.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
+
+
+class SplitWriter:
+    """Writes one split as numbered shards, starting a new one once a shard reaches `shard_bytes`."""
+
+    def __init__(self, folder: Path, name_prefix: str, dtype: np.dtype, shard_bytes: int):
+        self.folder, self.name_prefix, self.dtype, self.shard_bytes = folder, name_prefix, dtype, shard_bytes
+        folder.mkdir(parents=True, exist_ok=True)
+        self.shards: list[ShardInfo] = []
+        self._writer: IndexedDatasetWriter | None = None
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        while len(lengths):
+            if self._writer is None:
+                name = f"{self.name_prefix}{len(self.shards):05d}"
+                self._writer = IndexedDatasetWriter(self.folder / name, self.dtype)
+            ends = self._writer.bin_bytes + np.cumsum(lengths) * self.dtype.itemsize
+            full = np.flatnonzero(ends >= self.shard_bytes)
+            take = int(full[0]) + 1 if len(full) else len(lengths)  # the document that fills it, inclusive
+            num_tokens = int(lengths[:take].sum())
+            self._writer.add_documents(tokens[:num_tokens], lengths[:take])
+            tokens, lengths = tokens[num_tokens:], lengths[take:]
+            if len(full):
+                self._close_shard()
+
+    def close(self) -> list[ShardInfo]:
+        if self._writer is not None and self._writer.num_documents:
+            self._close_shard()
+        elif self._writer is not None:
+            self._writer.abort()
+        self._writer = None
+        return self.shards
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+
+    def _close_shard(self) -> None:
+        self.shards.append(self._writer.finalize())
+        self._writer = None
+
+
+def encoded(sp, batches: Iterator[DocumentBatch], threads: int) -> Iterator[tuple[DocumentBatch, list]]:
+    """Encode batch k on SentencePiece's threads while the caller reads k+1 and writes k-1."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append((batch, pool.submit(sp.encode, batch.texts, num_threads=threads)))
+            if len(pending) > 1:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
+
+
+def flatten_with_eos(ids: list[list[int]], eos: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """One flat token array with EOS after every document, and each document's length (EOS included)."""
+    raw_lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(raw_lengths.sum()))
+    flat = np.insert(flat, np.cumsum(raw_lengths), eos)
+    return flat.astype(dtype, copy=False), raw_lengths + 1
+
+
+def write_shards(corpus: Corpus, cfg: PipelineConfig, tokenizer_path: Path, out_dir: Path,
+                 num_parts: int = 1, part: int = 0, name_prefix: str = "") -> dict:
+    """Encode this job's documents into `out_dir`/{train,val}; return the manifest body."""
+    sp = load_tokenizer(tokenizer_path)
+    vocab_size, eos = sp.get_piece_size(), sp.eos_id()
+    dtype = token_dtype(vocab_size)
+    threads = cfg.shard.encode_threads or os.cpu_count() or 1
+    shard_bytes = cfg.shard.shard_size_mb << 20
+    writers = {split: SplitWriter(out_dir / split, name_prefix, dtype, shard_bytes) for split in SPLITS}
+    counts = {split: {"documents": 0, "tokens": 0} for split in SPLITS}
+    started, total_tokens = time.perf_counter(), 0
+    progress = tqdm(desc="shard", unit="B", unit_scale=True, unit_divisor=1024, mininterval=1.0)
+    try:
+        batches = corpus.batches(cfg.shard.batch_mb << 20, num_parts=num_parts, part=part)
+        for batch, ids in encoded(sp, batches, threads):
+            tokens, lengths = flatten_with_eos(ids, eos, dtype)
+            val_docs = is_validation(np.asarray(batch.indices), cfg.data.seed, cfg.data.val_fraction)
+            val_tokens = np.repeat(val_docs, lengths)
+            for split, doc_mask, token_mask in (("train", ~val_docs, ~val_tokens), ("val", val_docs, val_tokens)):
+                if doc_mask.any():
+                    writers[split].add(tokens[token_mask], lengths[doc_mask])
+                    counts[split]["documents"] += int(doc_mask.sum())
+                    counts[split]["tokens"] += int(lengths[doc_mask].sum())
+            total_tokens += len(tokens)
+            progress.update(corpus.stats.text_bytes - progress.n)
+            progress.set_postfix_str(f"{total_tokens / (time.perf_counter() - started) / 1e6:.2f}M tok/s",
+                                     refresh=False)
+        shards = {split: [asdict(info) for info in writers[split].close()] for split in SPLITS}
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    finally:
+        progress.close()
+    seconds = time.perf_counter() - started
+    if corpus.stats.documents == 0:
+        raise PipelineError("the corpus has no non-empty document: check data.paths and data.text_field")
+    log.info("shard: %d documents (train %d, val %d), %d tokens, %d empty skipped, %d characters replaced; "
+             "%.1f MB/s, %.2fM tokens/s", counts["train"]["documents"] + counts["val"]["documents"],
+             counts["train"]["documents"], counts["val"]["documents"], total_tokens,
+             corpus.stats.skipped_empty, corpus.stats.replaced_chars,
+             corpus.stats.text_bytes / seconds / 1e6, total_tokens / seconds / 1e6)
+    if cfg.data.val_fraction > 0 and counts["val"]["documents"] == 0:
+        log.warning("shard: no document went to validation (data.val_fraction=%s); raise it", cfg.data.val_fraction)
+    return {
+        "format": "MMIDIDX", "format_version": 1,
+        "tokenizer_sha256": sha256_file(tokenizer_path), "vocab_size": vocab_size, "dtype": dtype.name,
+        "eos_id": eos, "bos_id": sp.bos_id(), "pad_id": sp.pad_id(),
+        "val_fraction": cfg.data.val_fraction, "seed": cfg.data.seed,
+        "splits": {split: {**counts[split], "shards": shards[split]} for split in SPLITS},
+        "corpus": corpus.stats.as_dict(),  # what was read: the whole corpus, also for one part
+    }
+
+
+def shard_corpus(corpus: Corpus, cfg: PipelineConfig, tokenizer_path: Path, run_dir: Path) -> dict:
+    """Run this job's share of the stage; returns the manifest once `shards/` is complete."""
+    workers, index = cfg.shard.num_workers, cfg.shard.worker_index
+    if workers < 1 or (index is not None and not 0 <= index < workers):
+        raise PipelineError(f"shard.worker_index={index} must lie in [0, shard.num_workers={workers})")
+    if workers == 1:
+        staging = fresh_dir(run_dir / "shards.tmp")
+        manifest = write_shards(corpus, cfg, tokenizer_path, staging)
+        atomic_write_json(staging / MANIFEST, manifest)
+        replace_dir(staging, run_dir / "shards")
+        return manifest
+    parts = run_dir / "shards.parts"
+    if index is None:
+        return merge_parts(parts, workers, run_dir / "shards")
+    parts.mkdir(parents=True, exist_ok=True)
+    staging = fresh_dir(parts / f"w{index:03d}.tmp")
+    manifest = write_shards(corpus, cfg, tokenizer_path, staging, workers, index, name_prefix=f"w{index:03d}-")
+    atomic_write_json(staging / PART_MANIFEST, {**manifest, "part": index, "num_parts": workers})
+    replace_dir(staging, parts / f"w{index:03d}")
+    return manifest
+
+
+def merge_parts(parts: Path, workers: int, final: Path) -> dict:
+    """Link every part's shards into one `shards/` folder with one manifest (parts stay until done)."""
+    manifests = []
+    for index in range(workers):
+        path = parts / f"w{index:03d}" / PART_MANIFEST
+        if not path.is_file():
+            raise PipelineError(f"shard part {index} of {workers} is missing ({path}): run it with "
+                                f"shard.worker_index={index} shard.num_workers={workers} first")
+        manifests.append(json.loads(path.read_text()))
+    first = manifests[0]
+    for m in manifests:
+        if (m["num_parts"], m["tokenizer_sha256"], m["seed"], m["val_fraction"]) != (
+                workers, first["tokenizer_sha256"], first["seed"], first["val_fraction"]):
+            raise PipelineError(f"shard part {m['part']} was written with another tokenizer or split settings; "
+                                f"rerun it")
+    staging = fresh_dir(final.with_name(final.name + ".tmp"))
+    merged = {key: value for key, value in first.items() if key not in ("part", "splits")}
+    merged["splits"] = {split: {"documents": 0, "tokens": 0, "shards": []} for split in SPLITS}
+    for index, m in enumerate(manifests):
+        for split in SPLITS:
+            (staging / split).mkdir(exist_ok=True)
+            for shard in m["splits"][split]["shards"]:
+                for suffix in (".bin", ".idx"):
+                    os.link(parts / f"w{index:03d}" / split / (shard["prefix"] + suffix),
+                            staging / split / (shard["prefix"] + suffix))
+            target = merged["splits"][split]
+            target["documents"] += m["splits"][split]["documents"]
+            target["tokens"] += m["splits"][split]["tokens"]
+            target["shards"] += m["splits"][split]["shards"]
+    atomic_write_json(staging / MANIFEST, merged)
+    replace_dir(staging, final)
+    shutil.rmtree(parts)
+    return merged
+
+
+def fresh_dir(path: Path) -> Path:
+    """An empty staging folder (leftovers of a killed run are discarded)."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    fsync_dir(path.parent)
+    return path

@@ -1,0 +1,131 @@
+"""`tokenize` stage: train a lossless SentencePiece model on a sample of the corpus.
+
+Lossless means `decode(encode(x)) == x` for any UTF-8 text: identity normalization, no dummy
+prefix, no whitespace collapsing, whitespace-only pieces allowed, and byte fallback for every
+character the vocabulary lacks. (The one exception is SentencePiece's own U+2581 "▁", which it
+uses for the space and so decodes as " ".)
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Iterator
+
+import sentencepiece as spm
+from tqdm import tqdm
+
+from .config import TokenizerConfig
+from .corpus import Corpus
+from .errors import PipelineError
+from .fsutil import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
+# ChatML-style turn markers for the finetune stage; reserved now so every tokenizer has them.
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
+def load_tokenizer(path: Path) -> spm.SentencePieceProcessor:
+    if not Path(path).is_file():
+        raise PipelineError(f"tokenizer {path} does not exist: run stages=[tokenize] or set tokenizer.path=")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as exc:
+        raise PipelineError(f"tokenizer {path} is not a SentencePiece model ({str(exc).splitlines()[0]})") from exc
+    if sp.eos_id() < 0:
+        raise PipelineError(f"tokenizer {path} has no end-of-sequence token (</s>); train one with this stage")
+    return sp
+
+
+def training_chunks(texts: Iterator[str], max_bytes: int) -> Iterator[str]:
+    """Cut documents into chunks of whole lines (newlines kept) of at most `max_bytes` bytes.
+
+    SentencePiece drops any training sentence longer than max_sentence_length, so long documents
+    are cut rather than lost; keeping the newlines lets it learn pieces such as ":\\n".
+    """
+    for text in texts:
+        chunk, size = [], 0
+        for line in text.splitlines(keepends=True):
+            line_bytes = len(line.encode("utf-8", "surrogatepass"))
+            if chunk and size + line_bytes > max_bytes:
+                yield "".join(chunk)
+                chunk, size = [], 0
+            if line_bytes > max_bytes:  # one very long line: cut it into pieces
+                step = max(1, max_bytes // 4)  # a UTF-8 character is at most 4 bytes
+                for start in range(0, len(line), step):
+                    yield line[start:start + step]
+                continue
+            chunk.append(line)
+            size += line_bytes
+        if chunk:
+            yield "".join(chunk)
+
+
+def train_tokenizer(corpus: Corpus, cfg: TokenizerConfig, out_path: Path) -> None:
+    if cfg.model_type not in ("bpe", "unigram"):
+        raise PipelineError(f"tokenizer.model_type={cfg.model_type!r}: choose bpe or unigram")
+    minimum = 256 + 4 + len(CHAT_TOKENS)  # byte fallback pieces + specials
+    if cfg.vocab_size < minimum:
+        raise PipelineError(f"tokenizer.vocab_size={cfg.vocab_size} is below {minimum}, "
+                            f"the 256 byte pieces plus special tokens")
+    threads = cfg.num_threads or os.cpu_count() or 1
+    progress = tqdm(desc="tokenize: reading", unit="doc", unit_scale=True, mininterval=1.0)
+
+    def sentences() -> Iterator[str]:
+        for text in corpus.texts():
+            progress.update()
+            yield from training_chunks([text], cfg.max_sentence_bytes)
+
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences(),
+            model_writer=model,
+            model_type=cfg.model_type,
+            vocab_size=cfg.vocab_size,
+            input_sentence_size=cfg.input_sentence_size,
+            shuffle_input_sentence=True,
+            character_coverage=cfg.character_coverage,
+            max_sentence_length=cfg.max_sentence_bytes,
+            num_threads=threads,
+            byte_fallback=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            split_by_whitespace=True,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+            unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
+            user_defined_symbols=list(CHAT_TOKENS),
+            minloglevel=2,
+        )
+    except RuntimeError as exc:
+        message = " ".join(str(exc).split())
+        if corpus.stats.documents == 0:
+            raise PipelineError("the corpus has no non-empty document: check data.paths and data.text_field") from exc
+        if "Vocabulary size" in message:
+            raise PipelineError(f"tokenizer.vocab_size={cfg.vocab_size} is too large for this corpus "
+                                f"({message}); lower tokenizer.vocab_size or add text") from exc
+        raise PipelineError(f"SentencePiece training failed: {message}") from exc
+    finally:
+        progress.close()
+    if corpus.stats.documents == 0:
+        raise PipelineError("the corpus has no non-empty document: check data.paths and data.text_field")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_path, model.getvalue())
+    log.info("tokenize: %d documents read (%d empty skipped, %d characters replaced), vocab %d, wrote %s",
+             corpus.stats.documents, corpus.stats.skipped_empty, corpus.stats.replaced_chars,
+             cfg.vocab_size, out_path)
+
+
+def reuse_tokenizer(source: Path, out_path: Path) -> None:
+    """`tokenizer.path`: check the given model and make it this run's tokenizer."""
+    sp = load_tokenizer(source)
+    if not any(sp.is_byte(i) for i in range(sp.get_piece_size())):
+        log.warning("tokenizer %s has no byte fallback: characters outside its vocabulary become <unk>", source)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_path, Path(source).read_bytes())
