@@ -71,6 +71,9 @@ def errors_reported(debug: bool):
 def main() -> None:
     # Hydra would print its own partial traceback; let errors reach us and report them in one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    # Nothing is downloaded at run time unless the user asks for it by setting these to 0.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     logging.captureWarnings(True)
     debug = any(arg.lstrip("+").lower() in ("debug=true", "debug=1") for arg in sys.argv[1:])
     with errors_reported(debug):  # composition errors: bad overrides, unknown groups or keys

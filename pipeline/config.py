@@ -10,6 +10,8 @@ from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 
+from .errors import PipelineError
+
 STAGES = ("tokenize", "shard", "pretrain", "finetune", "export")
 
 
@@ -37,8 +39,8 @@ class TokenizerConfig:
 
 @dataclass
 class ShardConfig:
-    shard_size_mb: int = 512  # a new .bin/.idx pair starts past this size
-    batch_mb: int = 4  # text handed to the encoder at once; bounds memory
+    shard_size_mb: float = 512.0  # a new .bin/.idx pair starts once a shard reaches this size
+    batch_mb: float = 4.0  # text handed to the encoder at once; bounds memory
     encode_threads: int = 0  # SentencePiece encode threads; 0: all cores
     num_workers: int = 1  # jobs that each write a disjoint part of the corpus
     worker_index: Optional[int] = None  # this job's part; unset with num_workers>1: merge the parts
@@ -53,6 +55,30 @@ class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
+
+
+MIN_VOCAB = 256 + 4 + 2  # byte-fallback pieces, unk/bos/eos/pad, the two chat tokens
+
+
+def validate(cfg: PipelineConfig) -> None:
+    """Checks that need no data, run before any stage does work."""
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        raise PipelineError(f"unknown stage(s) {unknown} in stages=; choose from {list(STAGES)}")
+    if cfg.data.source not in ("default", "files"):
+        raise PipelineError(f"data.source={cfg.data.source!r}: use data=default or data=files")
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise PipelineError(f"data.val_fraction={cfg.data.val_fraction} must lie in [0, 1)")
+    if cfg.tokenizer.model_type not in ("bpe", "unigram"):
+        raise PipelineError(f"tokenizer.model_type={cfg.tokenizer.model_type!r}: choose bpe or unigram")
+    if cfg.tokenizer.vocab_size < MIN_VOCAB and not cfg.tokenizer.path:
+        raise PipelineError(f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} is below {MIN_VOCAB}, "
+                            f"the 256 byte pieces plus special tokens")
+    workers, index = cfg.shard.num_workers, cfg.shard.worker_index
+    if workers < 1 or (index is not None and not 0 <= index < workers):
+        raise PipelineError(f"shard.worker_index={index} must lie in [0, shard.num_workers={workers})")
+    if cfg.shard.shard_size_mb <= 0 or cfg.shard.batch_mb <= 0:
+        raise PipelineError("shard.shard_size_mb and shard.batch_mb must be positive")
 
 
 def register_configs() -> None:

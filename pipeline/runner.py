@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
-from .config import STAGES, PipelineConfig
+from .config import PipelineConfig, validate
 from .corpus import Corpus, files_fingerprint, resolve_paths
 from .distributed import LaunchInfo
 from .errors import PipelineError
@@ -44,8 +44,6 @@ class Context:
     def corpus_paths(self) -> list[Path]:
         if self.cfg.data.source == "default":
             return [self.run_dir / "data" / "default" / "corpus.jsonl"]
-        if self.cfg.data.source != "files":
-            raise PipelineError(f"data.source={self.cfg.data.source!r}: use data=default or data=files")
         return resolve_paths(self.cfg.data.paths)
 
     def corpus_identity(self) -> object:
@@ -91,7 +89,7 @@ def run_tokenize(ctx: Context) -> list[Path]:
     if ctx.cfg.tokenizer.path:
         reuse_tokenizer(Path(ctx.cfg.tokenizer.path), ctx.tokenizer_path)
     else:
-        train_tokenizer(ctx.open_corpus(), ctx.cfg.tokenizer, ctx.tokenizer_path)
+        train_tokenizer(ctx.open_corpus(), ctx.cfg.tokenizer, ctx.tokenizer_path, seed=ctx.cfg.data.seed)
     return [ctx.tokenizer_path]
 
 
@@ -140,9 +138,7 @@ def prepare_run_dir(cfg: PipelineConfig) -> Path:
 
 
 def run_pipeline(cfg: PipelineConfig, resolved_yaml: str) -> None:
-    unknown = [s for s in cfg.stages if s not in STAGES]
-    if unknown:
-        raise PipelineError(f"unknown stage(s) {unknown} in stages=; choose from {list(STAGES)}")
+    validate(cfg)
     unbuilt = [stage.name for stage in PIPELINE if stage.name in cfg.stages and stage.run is None]
     if unbuilt:
         raise PipelineError(f"stage(s) {unbuilt} are not built in this version: run stages=[tokenize,shard]")
@@ -198,6 +194,8 @@ def run_shard_part(stage: Stage, ctx: Context, merge: bool) -> None:
         wait_for_record(stage, whole)
         return
     for part in range(ctx.cfg.shard.num_workers):
+        if part == ctx.cfg.shard.worker_index:
+            continue
         part_ctx = Context(cfg=replace(ctx.cfg, shard=replace(ctx.cfg.shard, worker_index=part)),
                            run_dir=ctx.run_dir, launch=ctx.launch)
         wait_for_record(stage, part_ctx, marker_name=f"shard-part{part:03d}")
@@ -216,7 +214,7 @@ def wait_for_record(stage: Stage, ctx: Context, marker_name: str | None = None) 
     what = marker_name or stage.name
     marker = ctx.run_dir / "stages" / f"{what}.json"
     digest = inputs_digest(stage.inputs(ctx))
-    log.info("%s: waiting for rank 0", what)
+    log.info("%s: waiting for the rank that runs it", what)
     deadline = time.monotonic() + WAIT_TIMEOUT_S
     while time.monotonic() < deadline:
         try:

@@ -119,13 +119,13 @@ def write_shards(corpus: Corpus, cfg: PipelineConfig, tokenizer_path: Path, out_
     vocab_size, eos = sp.get_piece_size(), sp.eos_id()
     dtype = token_dtype(vocab_size)
     threads = cfg.shard.encode_threads or os.cpu_count() or 1
-    shard_bytes = cfg.shard.shard_size_mb << 20
+    shard_bytes = max(1, int(cfg.shard.shard_size_mb * (1 << 20)))
     writers = {split: SplitWriter(out_dir / split, name_prefix, dtype, shard_bytes) for split in SPLITS}
     counts = {split: {"documents": 0, "tokens": 0} for split in SPLITS}
     started, total_tokens = time.perf_counter(), 0
     progress = tqdm(desc="shard", unit="B", unit_scale=True, unit_divisor=1024, mininterval=1.0)
     try:
-        batches = corpus.batches(cfg.shard.batch_mb << 20, num_parts=num_parts, part=part)
+        batches = corpus.batches(max(1, int(cfg.shard.batch_mb * (1 << 20))), num_parts=num_parts, part=part)
         for batch, ids in encoded(sp, batches, threads):
             tokens, lengths = flatten_with_eos(ids, eos, dtype)
             val_docs = is_validation(np.asarray(batch.indices), cfg.data.seed, cfg.data.val_fraction)
@@ -169,8 +169,6 @@ def write_shards(corpus: Corpus, cfg: PipelineConfig, tokenizer_path: Path, out_
 def shard_corpus(corpus: Corpus, cfg: PipelineConfig, tokenizer_path: Path, run_dir: Path) -> dict:
     """Run this job's share of the stage; returns the manifest once `shards/` is complete."""
     workers, index = cfg.shard.num_workers, cfg.shard.worker_index
-    if workers < 1 or (index is not None and not 0 <= index < workers):
-        raise PipelineError(f"shard.worker_index={index} must lie in [0, shard.num_workers={workers})")
     if workers == 1:
         staging = fresh_dir(run_dir / "shards.tmp")
         manifest = write_shards(corpus, cfg, tokenizer_path, staging)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -64,13 +65,7 @@ def training_chunks(texts: Iterator[str], max_bytes: int) -> Iterator[str]:
             yield "".join(chunk)
 
 
-def train_tokenizer(corpus: Corpus, cfg: TokenizerConfig, out_path: Path) -> None:
-    if cfg.model_type not in ("bpe", "unigram"):
-        raise PipelineError(f"tokenizer.model_type={cfg.model_type!r}: choose bpe or unigram")
-    minimum = 256 + 4 + len(CHAT_TOKENS)  # byte fallback pieces + specials
-    if cfg.vocab_size < minimum:
-        raise PipelineError(f"tokenizer.vocab_size={cfg.vocab_size} is below {minimum}, "
-                            f"the 256 byte pieces plus special tokens")
+def train_tokenizer(corpus: Corpus, cfg: TokenizerConfig, out_path: Path, seed: int) -> None:
     threads = cfg.num_threads or os.cpu_count() or 1
     progress = tqdm(desc="tokenize: reading", unit="doc", unit_scale=True, mininterval=1.0)
 
@@ -80,6 +75,7 @@ def train_tokenizer(corpus: Corpus, cfg: TokenizerConfig, out_path: Path) -> Non
             yield from training_chunks([text], cfg.max_sentence_bytes)
 
     model = io.BytesIO()
+    spm.set_random_generator_seed(seed)  # sampling and shuffling: the same corpus gives the same model
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=sentences(),
@@ -107,9 +103,10 @@ def train_tokenizer(corpus: Corpus, cfg: TokenizerConfig, out_path: Path) -> Non
         message = " ".join(str(exc).split())
         if corpus.stats.documents == 0:
             raise PipelineError("the corpus has no non-empty document: check data.paths and data.text_field") from exc
-        if "Vocabulary size" in message:
-            raise PipelineError(f"tokenizer.vocab_size={cfg.vocab_size} is too large for this corpus "
-                                f"({message}); lower tokenizer.vocab_size or add text") from exc
+        too_high = re.search(r"Vocabulary size too high.*?<= (\d+)", message)
+        if too_high:
+            raise PipelineError(f"tokenizer.vocab_size={cfg.vocab_size} is too large for this corpus (at most "
+                                f"{too_high.group(1)} fits); lower tokenizer.vocab_size or add text") from exc
         raise PipelineError(f"SentencePiece training failed: {message}") from exc
     finally:
         progress.close()

@@ -1,0 +1,208 @@
+#!/usr/bin/env python
+"""Benchmark the `shard` stage against raw SentencePiece batch encoding on the same corpus and cores.
+
+    python bench/tokenize.py CORPUS [--min-mb 100] [--threads N] [--repeats 3] [--vocab 8000]
+
+Goals (issue): shard MB/s >= 0.9 x raw `sp.encode(docs, num_threads=N)` MB/s, and shard peak RSS
+under 2 GB for a 1 GB corpus. A corpus under --min-mb is first repeated into bench/out/ as .jsonl
+(.txt: one document per blank-line-separated block). Every measurement runs in a fresh process, so
+each peak RSS is its own; interpreter and import startup are excluded from the timings. A row is
+appended to bench/RESULTS.md.
+"""
+import os
+import sys
+
+# `python bench/tokenize.py` puts bench/ first on sys.path, where this file would shadow the standard
+# library's `tokenize` (logging imports it through linecache): put the checkout root there instead.
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if sys.path and os.path.abspath(sys.path[0] or os.curdir) == HERE:
+    sys.path[0] = ROOT
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import resource  # noqa: E402
+import shlex  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from datetime import datetime, timezone  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+OUT = Path(ROOT) / "bench" / "out"
+RESULTS = Path(ROOT) / "bench" / "RESULTS.md"
+MB = 1e6
+
+
+def bench_corpus(src: Path, min_mb: float) -> Path:
+    """`src` itself if it is large enough, else a .jsonl under bench/out/ repeating its documents."""
+    if src.stat().st_size >= min_mb * MB:
+        return src
+    suffix = src.suffix.lower()
+    if suffix in (".txt", ".text"):
+        docs = [doc for doc in re.split(r"\n[ \t]*\n", src.read_text(encoding="utf-8", errors="replace"))
+                if doc.strip()]
+        records = [json.dumps({"text": doc}, ensure_ascii=False) + "\n" for doc in docs]
+        text_bytes = sum(len(doc.encode("utf-8")) for doc in docs)
+    elif suffix == ".jsonl":  # records repeated as they are; text counted in a "text" field if there is one
+        records = [line.rstrip("\n") + "\n" for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
+        texts = [json.loads(line).get("text") for line in records]
+        text_bytes = sum(len((t if isinstance(t, str) else r).encode("utf-8")) for t, r in zip(texts, records))
+    else:
+        sys.exit(f"{src} is under --min-mb={min_mb}; only .txt and .jsonl can be repeated (or pass --min-mb 0)")
+    dst = OUT / f"{src.stem}-{min_mb:g}mb.jsonl"
+    if dst.is_file() and dst.stat().st_mtime >= src.stat().st_mtime:
+        return dst
+    chunk = "".join(records).encode("utf-8")
+    repeats = max(1, -(-int(min_mb * MB) // max(1, text_bytes)))
+    OUT.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        for _ in range(repeats):
+            f.write(chunk)
+    tmp.replace(dst)
+    print(f"bench corpus: {dst} ({len(records) * repeats} documents, {dst.stat().st_size / MB:.1f} MB)")
+    return dst
+
+
+def run_dir_for(corpus: Path) -> Path:
+    return OUT / f"run-{corpus.stem}"
+
+
+def train_tokenizer(corpus: Path, vocab: int) -> None:
+    """The pipeline's own tokenize stage (skipped when complete and unchanged)."""
+    quoted = "'" + str(corpus).replace("\\", "\\\\").replace("'", "\\'") + "'"
+    cmd = [sys.executable, "-m", "pipeline", "stages=[tokenize]", "data=files", f"data.paths=[{quoted}]",
+           f"data.split_on_blank_lines={str(is_txt(corpus)).lower()}",
+           f"run_dir={run_dir_for(corpus)}", f"tokenizer.vocab_size={vocab}"]
+    subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def is_txt(corpus: Path) -> bool:
+    return corpus.suffix.lower() in (".txt", ".text")
+
+
+def pipeline_config(corpus: Path, vocab: int, threads: int):
+    from pipeline.config import DataConfig, PipelineConfig, ShardConfig, TokenizerConfig
+
+    return PipelineConfig(run_dir=str(run_dir_for(corpus)), stages=["shard"], force=True,
+                          data=DataConfig(source="files", paths=[str(corpus)], split_on_blank_lines=is_txt(corpus)),
+                          tokenizer=TokenizerConfig(vocab_size=vocab), shard=ShardConfig(encode_threads=threads))
+
+
+def child(kind: str, corpus: Path, vocab: int, threads: int) -> dict:
+    """One measurement in this (fresh) process; returns its figures."""
+    started = time.perf_counter()
+    import datasets  # noqa: F401  import startup, excluded like the interpreter's (the stage imports it lazily)
+    from pipeline.corpus import Corpus
+    from pipeline.distributed import LaunchInfo
+    from pipeline.runner import PIPELINE, Context, prepare_run_dir, run_stage
+    from pipeline.tokenizer import load_tokenizer
+    import_s = time.perf_counter() - started
+    cfg = pipeline_config(corpus, vocab, threads)
+    ctx = Context(cfg=cfg, run_dir=prepare_run_dir(cfg), launch=LaunchInfo.from_env())
+    if kind == "raw":
+        reader = Corpus(ctx.corpus_paths, cfg.data)
+        docs = list(reader.texts())  # untimed: the same documents the stage reads
+        sp = load_tokenizer(ctx.tokenizer_path)
+        started = time.perf_counter()
+        ids = sp.encode(docs, num_threads=threads)
+        seconds = time.perf_counter() - started
+        figures = dict(text_bytes=reader.stats.text_bytes, docs=len(docs), tokens=sum(map(len, ids)))
+    else:
+        stage = next(s for s in PIPELINE if s.name == "shard")
+        started = time.perf_counter()
+        run_stage(stage, ctx)
+        seconds = time.perf_counter() - started
+        manifest = json.loads((ctx.run_dir / "shards" / "manifest.json").read_text())
+        docs = sum(s["documents"] for s in manifest["splits"].values())
+        tokens = sum(s["tokens"] for s in manifest["splits"].values()) - docs  # less one EOS per document
+        figures = dict(text_bytes=manifest["corpus"]["text_bytes"], docs=docs, tokens=tokens)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return dict(kind=kind, seconds=seconds, import_s=import_s, peak_rss=peak, **figures)
+
+
+def measure(kind: str, args, corpus: Path) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--vocab", str(args.vocab),
+           "--threads", str(args.threads), str(corpus)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{kind} run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["mb_s"] = result["text_bytes"] / MB / result["seconds"]
+    print(f"  {kind:5s} {result['seconds']:7.2f} s  {result['mb_s']:7.2f} MB/s  peak RSS "
+          f"{result['peak_rss'] / 2**20:6.0f} MiB  (imports {result['import_s']:.1f} s, untimed)", flush=True)
+    return result
+
+
+def hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} CPUs, {ram:.0f} GiB RAM"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See the module docstring.")
+    parser.add_argument("corpus", type=Path, help="a .txt, .jsonl, .json or .parquet file")
+    parser.add_argument("--min-mb", type=float, default=100, help="repeat a smaller corpus to this size (default 100)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="encode threads (default: all cores)")
+    parser.add_argument("--repeats", type=int, default=3, help="raw/shard pairs, alternated (default 3)")
+    parser.add_argument("--vocab", type=int, default=8000, help="tokenizer.vocab_size (default 8000)")
+    parser.add_argument("--no-record", action="store_true", help=f"do not append to {RESULTS.relative_to(ROOT)}")
+    parser.add_argument("--child", choices=["raw", "shard"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:  # internal: one measurement, figures as the last stdout line
+        print(json.dumps(child(args.child, args.corpus.resolve(), args.vocab, args.threads)))
+        return
+
+    command = shlex.join(["python", *sys.argv])
+    corpus = bench_corpus(args.corpus.resolve(), args.min_mb)
+    train_tokenizer(corpus, args.vocab)
+    print(f"corpus {corpus} ({corpus.stat().st_size / MB:.1f} MB on disk), {args.threads} threads, "
+          f"{args.repeats} x (raw, shard)", flush=True)
+    runs = {"raw": [], "shard": []}
+    for _ in range(args.repeats):
+        for kind in ("raw", "shard"):
+            runs[kind].append(measure(kind, args, corpus))
+    raw, shard = runs["raw"][0], runs["shard"][0]
+    if (raw["docs"], raw["tokens"]) != (shard["docs"], shard["tokens"]):
+        print(f"WARNING: raw and shard disagree: docs {raw['docs']} vs {shard['docs']}, "
+              f"tokens {raw['tokens']} vs {shard['tokens']}")
+    ratio = statistics.median(s["mb_s"] / r["mb_s"] for r, s in zip(runs["raw"], runs["shard"]))
+    med = {kind: statistics.median(r["mb_s"] for r in rs) for kind, rs in runs.items()}
+    peak = {kind: max(r["peak_rss"] for r in rs) / 2**20 for kind, rs in runs.items()}
+    row = {"corpus MB": f"{shard['text_bytes'] / MB:.1f}", "docs": f"{shard['docs']:,}",
+           "tokens": f"{shard['tokens']:,}", "threads": str(args.threads), "raw MB/s": f"{med['raw']:.2f}",
+           "shard MB/s": f"{med['shard']:.2f}", "ratio": f"{ratio:.3f}",
+           "shard peak RSS": f"{peak['shard']:.0f} MiB", "raw peak RSS": f"{peak['raw']:.0f} MiB"}
+    widths = {k: max(len(k), len(v)) for k, v in row.items()}
+    print("\n" + "  ".join(k.rjust(widths[k]) for k in row))
+    print("  ".join(v.rjust(widths[k]) for k, v in row.items()))
+    print(f"\ncorpus MB: UTF-8 text, 1 MB = 1e6 bytes; MB/s: medians of {args.repeats}; ratio: median of "
+          f"per-pair shard/raw (goal >= 0.9); each ratio: "
+          + ", ".join(f"{s['mb_s'] / r['mb_s']:.3f}" for r, s in zip(runs["raw"], runs["shard"])))
+    if not args.no_record:
+        record(command, row)
+
+
+def record(command: str, row: dict) -> None:
+    if not RESULTS.exists():
+        RESULTS.write_text("# Benchmark results\n\nRows are appended by the bench scripts (`bench/*.py`): "
+                           "date, hardware, the exact command, and its figures.\n\n"
+                           "| date | hardware | command | figures |\n| --- | --- | --- | --- |\n")
+    figures = "; ".join(f"{k} {v}" for k, v in row.items())
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    with open(RESULTS, "a") as f:
+        f.write(f"| {date} | {hardware()} | `{command}` | {figures} |\n")
+    print(f"appended to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
