@@ -107,21 +107,21 @@ def child(kind: str, corpus: Path, vocab: int, threads: int) -> dict:
         reader = Corpus(ctx.corpus_paths, cfg.data)
         docs = list(reader.texts())  # untimed: the same documents the stage reads
         sp = load_tokenizer(ctx.tokenizer_path)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         ids = sp.encode(docs, num_threads=threads)
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
         figures = dict(text_bytes=reader.stats.text_bytes, docs=len(docs), tokens=sum(map(len, ids)))
     else:
         stage = next(s for s in PIPELINE if s.name == "shard")
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         run_stage(stage, ctx)
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
         manifest = json.loads((ctx.run_dir / "shards" / "manifest.json").read_text())
         docs = sum(s["documents"] for s in manifest["splits"].values())
         tokens = sum(s["tokens"] for s in manifest["splits"].values()) - docs  # less one EOS per document
         figures = dict(text_bytes=manifest["corpus"]["text_bytes"], docs=docs, tokens=tokens)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    return dict(kind=kind, seconds=seconds, import_s=import_s, peak_rss=peak, **figures)
+    return dict(kind=kind, seconds=seconds, cores=cpu / seconds, import_s=import_s, peak_rss=peak, **figures)
 
 
 def measure(kind: str, args, corpus: Path) -> dict:
@@ -132,8 +132,8 @@ def measure(kind: str, args, corpus: Path) -> dict:
         sys.exit(f"{kind} run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["mb_s"] = result["text_bytes"] / MB / result["seconds"]
-    print(f"  {kind:5s} {result['seconds']:7.2f} s  {result['mb_s']:7.2f} MB/s  peak RSS "
-          f"{result['peak_rss'] / 2**20:6.0f} MiB  (imports {result['import_s']:.1f} s, untimed)", flush=True)
+    print(f"  {kind:5s} {result['seconds']:7.2f} s  {result['mb_s']:7.2f} MB/s  {result['cores']:4.2f} cores busy  "
+          f"peak RSS {result['peak_rss'] / 2**20:6.0f} MiB  (imports {result['import_s']:.1f} s, untimed)", flush=True)
     return result
 
 
@@ -155,6 +155,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="encode threads (default: all cores)")
     parser.add_argument("--repeats", type=int, default=3, help="raw/shard pairs, alternated (default 3)")
     parser.add_argument("--vocab", type=int, default=8000, help="tokenizer.vocab_size (default 8000)")
+    parser.add_argument("--shard-only", action="store_true",
+                        help="skip raw (it holds every document and token id in memory: ~16x the corpus)")
     parser.add_argument("--no-record", action="store_true", help=f"do not append to {RESULTS.relative_to(ROOT)}")
     parser.add_argument("--child", choices=["raw", "shard"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -165,29 +167,44 @@ def main() -> None:
     command = shlex.join(["python", *sys.argv])
     corpus = bench_corpus(args.corpus.resolve(), args.min_mb)
     train_tokenizer(corpus, args.vocab)
+    kinds = ("shard",) if args.shard_only else ("raw", "shard")
+    load = os.getloadavg()[0]
     print(f"corpus {corpus} ({corpus.stat().st_size / MB:.1f} MB on disk), {args.threads} threads, "
-          f"{args.repeats} x (raw, shard)", flush=True)
-    runs = {"raw": [], "shard": []}
+          f"{args.repeats} x {kinds}, load average {load:.2f}", flush=True)
+    if load > 0.5:
+        print("WARNING: the machine is busy: other processes share these cores and skew the figures")
+    runs = {kind: [] for kind in kinds}
     for _ in range(args.repeats):
-        for kind in ("raw", "shard"):
+        for kind in kinds:
             runs[kind].append(measure(kind, args, corpus))
-    raw, shard = runs["raw"][0], runs["shard"][0]
-    if (raw["docs"], raw["tokens"]) != (shard["docs"], shard["tokens"]):
-        print(f"WARNING: raw and shard disagree: docs {raw['docs']} vs {shard['docs']}, "
-              f"tokens {raw['tokens']} vs {shard['tokens']}")
-    ratio = statistics.median(s["mb_s"] / r["mb_s"] for r, s in zip(runs["raw"], runs["shard"]))
+    shard = runs["shard"][0]
     med = {kind: statistics.median(r["mb_s"] for r in rs) for kind, rs in runs.items()}
+    cores = {kind: statistics.median(r["cores"] for r in rs) for kind, rs in runs.items()}
     peak = {kind: max(r["peak_rss"] for r in rs) / 2**20 for kind, rs in runs.items()}
     row = {"corpus MB": f"{shard['text_bytes'] / MB:.1f}", "docs": f"{shard['docs']:,}",
-           "tokens": f"{shard['tokens']:,}", "threads": str(args.threads), "raw MB/s": f"{med['raw']:.2f}",
-           "shard MB/s": f"{med['shard']:.2f}", "ratio": f"{ratio:.3f}",
-           "shard peak RSS": f"{peak['shard']:.0f} MiB", "raw peak RSS": f"{peak['raw']:.0f} MiB"}
+           "tokens": f"{shard['tokens']:,}", "threads": str(args.threads)}
+    if not args.shard_only:
+        raw = runs["raw"][0]
+        if (raw["docs"], raw["tokens"]) != (shard["docs"], shard["tokens"]):
+            print(f"WARNING: raw and shard disagree: docs {raw['docs']} vs {shard['docs']}, "
+                  f"tokens {raw['tokens']} vs {shard['tokens']}")
+        ratios = [s["mb_s"] / r["mb_s"] for r, s in zip(runs["raw"], runs["shard"])]
+        row.update({"raw MB/s": f"{med['raw']:.2f}", "shard MB/s": f"{med['shard']:.2f}",
+                    "ratio": f"{statistics.median(ratios):.3f}", "raw cores": f"{cores['raw']:.2f}",
+                    "shard cores": f"{cores['shard']:.2f}", "shard peak RSS": f"{peak['shard']:.0f} MiB",
+                    "raw peak RSS": f"{peak['raw']:.0f} MiB"})
+    else:
+        row.update({"shard MB/s": f"{med['shard']:.2f}", "shard cores": f"{cores['shard']:.2f}",
+                    "shard peak RSS": f"{peak['shard']:.0f} MiB"})
+    row["load"] = f"{load:.2f}"
     widths = {k: max(len(k), len(v)) for k, v in row.items()}
     print("\n" + "  ".join(k.rjust(widths[k]) for k in row))
     print("  ".join(v.rjust(widths[k]) for k, v in row.items()))
-    print(f"\ncorpus MB: UTF-8 text, 1 MB = 1e6 bytes; MB/s: medians of {args.repeats}; ratio: median of "
-          f"per-pair shard/raw (goal >= 0.9); each ratio: "
-          + ", ".join(f"{s['mb_s'] / r['mb_s']:.3f}" for r, s in zip(runs["raw"], runs["shard"])))
+    print(f"\ncorpus MB: UTF-8 text, 1 MB = 1e6 bytes; MB/s and cores (CPU seconds / wall seconds, all threads): "
+          f"medians of {args.repeats}; load: 1-minute load average at the start")
+    if not args.shard_only:
+        print("ratio: median of per-pair shard/raw MB/s (goal >= 0.9); each: "
+              + ", ".join(f"{r:.3f}" for r in ratios))
     if not args.no_record:
         record(command, row)
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import PipelineConfig, register_configs
 from .errors import PipelineError
+from .local_launch import RanksFailed
 
 EXIT_ERROR = 2
 
@@ -36,9 +37,11 @@ register_configs()
 def _run(cfg: DictConfig) -> None:
     from .runner import run_pipeline
 
+    from hydra.core.hydra_config import HydraConfig
+
     with errors_reported(debug=bool(cfg.get("debug", False))):  # inside, or Hydra adds its own line
         config: PipelineConfig = OmegaConf.to_object(cfg)
-        run_pipeline(config, OmegaConf.to_yaml(cfg, resolve=True))
+        run_pipeline(config, OmegaConf.to_container(cfg, resolve=True), list(HydraConfig.get().overrides.task))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -61,10 +64,16 @@ def errors_reported(debug: bool):
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except RanksFailed as exc:  # the ranks already printed their error
+        sys.exit(exc.exit_code)
     except Exception as exc:
         if debug:
             raise
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+        if rank == 0 or not isinstance(exc, PipelineError):
+            print(f"error: {_one_line(exc)}", file=sys.stderr)
+        else:  # every rank meets the same bad input; rank 0 alone reports it
+            print(f"rank {rank}: {_one_line(exc)}", file=sys.stderr)
         sys.exit(EXIT_ERROR)
 
 

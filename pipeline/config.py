@@ -6,7 +6,7 @@ Only the entry point (`pipeline.__main__`) sees a DictConfig; it converts it wit
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -47,6 +47,96 @@ class ShardConfig:
 
 
 @dataclass
+class ModelConfig:
+    """A Llama-architecture decoder; maps one to one onto HF LlamaConfig."""
+    name: str = "tiny"
+    vocab_size: Optional[int] = None  # None: taken from the tokenizer
+    dim: int = 64  # hidden_size
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2  # grouped-query attention when < n_heads
+    ffn_dim: int = 176  # SwiGLU intermediate_size
+    max_seq_len: int = 512  # max_position_embeddings
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02  # output projections are scaled by 1/sqrt(2 * n_layers)
+    dropout: float = 0.0  # attention-probability dropout in training (HF attention_dropout)
+    activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each block
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 256
+    micro_batch_size: int = 8  # per rank and forward pass
+    global_batch_size: int = 16  # sequences per optimizer step = micro batch × accumulation × ranks
+    max_steps: int = 300
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # the schedule decays to lr × this
+    warmup_steps: int = 30
+    schedule: str = "cosine"  # cosine | constant | wsd (warmup, stable, decay over decay_fraction)
+    decay_fraction: float = 0.2  # wsd: share of max_steps spent decaying
+    weight_decay: float = 0.1  # not applied to norms and embeddings
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_batches: int = 8  # fixed slice of shards/val: eval_batches × micro_batch_size × ranks windows
+    save_interval: int = 100
+    keep_last: int = 2
+    resume: str = "auto"  # auto: newest complete checkpoint of this run; none; or a checkpoint path
+    verify_shards: str = "full"  # full (sha256) | size | off
+
+
+@dataclass
+class DeepSpeedConfig:
+    name: str = "zero2"
+    stage: int = 2
+    offload_optimizer: bool = False  # optimizer state and step on the CPU (DeepSpeedCPUAdam)
+    offload_param: bool = False  # ZeRO 3 only: parameters live on the CPU
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 50_000_000
+    allgather_bucket_size: int = 50_000_000
+    extra: dict[str, Any] = field(default_factory=dict)  # merged into the DeepSpeed JSON as is
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = "bf16"  # bf16 | fp16 | fp32
+    initial_scale_power: int = 16  # fp16 dynamic loss scaling starts at 2**this
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    min_loss_scale: float = 1.0
+
+
+@dataclass
+class LaunchConfig:
+    nproc_per_node: int = 0  # ranks started when not under a launcher; 0: one per GPU, else 2 CPU ranks
+    master_port: int = 0  # 0: a free port
+    timeout_s: int = 1800  # process-group timeout
+
+
+@dataclass
+class WandbConfig:
+    mode: Optional[str] = None  # online | offline | disabled; None: online with WANDB_API_KEY, else offline
+    project: str = "pipeline"
+    entity: Optional[str] = None
+    name: Optional[str] = None  # default: the run_dir's name
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
 class PipelineConfig:
     run_dir: str = "runs/default"
     stages: list[str] = field(default_factory=lambda: list(STAGES))
@@ -55,6 +145,12 @@ class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 MIN_VOCAB = 256 + 4 + 2  # byte-fallback pieces, unk/bos/eos/pad, the two chat tokens
@@ -86,3 +182,6 @@ def register_configs() -> None:
     cs.store(name="pipeline_schema", node=PipelineConfig)
     cs.store(group="data", name="default", node=DataConfig(source="default"))
     cs.store(group="data", name="files", node=DataConfig(source="files"))
+    cs.store(group="schema", name="model", node=ModelConfig)  # the type of every conf/model/*.yaml
+    cs.store(group="schema", name="deepspeed", node=DeepSpeedConfig)
+    cs.store(group="schema", name="precision", node=PrecisionConfig)

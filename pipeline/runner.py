@@ -13,10 +13,12 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
+
+import yaml
 
 from . import __version__
 from .config import PipelineConfig, validate
@@ -35,6 +37,7 @@ class Context:
     cfg: PipelineConfig
     run_dir: Path
     launch: LaunchInfo
+    resolved: dict = field(default_factory=dict)  # the composed config as plain data
 
     @property
     def tokenizer_path(self) -> Path:
@@ -72,6 +75,7 @@ class Stage:
     inputs: Callable[[Context], dict]  # everything the outputs depend on
     run: Callable[[Context], list[Path]] | None  # does the work; returns the output files
     data_stage: bool = False  # runs on rank 0 (or split between ranks) before training starts
+    distributed: bool = False  # every rank runs it together, under a launcher or local ranks we start
 
 
 def tokenize_inputs(ctx: Context) -> dict:
@@ -116,11 +120,28 @@ def run_shard(ctx: Context) -> list[Path]:
     return files
 
 
+def pretrain_inputs(ctx: Context) -> dict:
+    manifest = ctx.run_dir / "shards" / "manifest.json"
+    return {"model": asdict(ctx.cfg.model), "train": asdict(ctx.cfg.train), "deepspeed": asdict(ctx.cfg.deepspeed),
+            "precision": asdict(ctx.cfg.precision),
+            "shards": sha256_file(manifest) if manifest.is_file() else "missing",
+            "tokenizer": sha256_file(ctx.tokenizer_path) if ctx.tokenizer_path.is_file() else "missing"}
+
+
+def run_pretrain(ctx: Context) -> list[Path]:
+    from .checkpoint import RECORD, find_resumable
+    from .pretrain import checkpoint_root, main
+
+    main(ctx.cfg, ctx.run_dir, ctx.resolved)
+    found = find_resumable(checkpoint_root(ctx.run_dir))
+    return [found[0] / RECORD] if found else []
+
+
 PIPELINE = (
     Stage("tokenize", tokenize_inputs, run_tokenize, data_stage=True),
     Stage("shard", shard_inputs, run_shard, data_stage=True),
-    Stage("pretrain", lambda ctx: {}, None),  # run=None: not built yet, refused before any work
-    Stage("finetune", lambda ctx: {}, None),
+    Stage("pretrain", pretrain_inputs, run_pretrain, distributed=True),
+    Stage("finetune", lambda ctx: {}, None),  # run=None: not built yet, refused before any work
     Stage("export", lambda ctx: {}, None),
 )
 
@@ -137,23 +158,35 @@ def prepare_run_dir(cfg: PipelineConfig) -> Path:
     return run_dir
 
 
-def run_pipeline(cfg: PipelineConfig, resolved_yaml: str) -> None:
+def run_pipeline(cfg: PipelineConfig, resolved: dict, overrides: list[str]) -> None:
+    """Run the requested stages; `resolved` is the whole config as plain data, `overrides` the
+    command line (replayed on the local ranks that distributed stages start)."""
     validate(cfg)
     unbuilt = [stage.name for stage in PIPELINE if stage.name in cfg.stages and stage.run is None]
     if unbuilt:
-        raise PipelineError(f"stage(s) {unbuilt} are not built in this version: run stages=[tokenize,shard]")
+        raise PipelineError(f"stage(s) {unbuilt} are not built in this version: "
+                            f"run stages=[tokenize,shard,pretrain]")
     launch = LaunchInfo.from_env()
-    auto_split = launch.under_launcher and cfg.shard.num_workers == 1 and cfg.shard.worker_index is None
+    auto_split = launch.world_size > 1 and cfg.shard.num_workers == 1 and cfg.shard.worker_index is None
     if auto_split:  # every rank encodes its own part of the corpus, on its share of the cores
         threads = cfg.shard.encode_threads or max(1, (os.cpu_count() or 1) // launch.local_world_size)
         cfg = replace(cfg, shard=replace(cfg.shard, num_workers=launch.world_size, worker_index=launch.rank,
                                          encode_threads=threads))
-    ctx = Context(cfg=cfg, run_dir=prepare_run_dir(cfg), launch=launch)
+    ctx = Context(cfg=cfg, run_dir=prepare_run_dir(cfg), launch=launch, resolved=resolved)
     if launch.rank == 0:
-        atomic_write_bytes(ctx.run_dir / "config.yaml", resolved_yaml.encode())
+        atomic_write_bytes(ctx.run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
     for stage in PIPELINE:
         if stage.name not in cfg.stages:
             continue
+        if stage.distributed and not launch.under_launcher:
+            # this process starts the ranks, which run every remaining distributed stage together
+            from .local_launch import run_local_ranks
+
+            remaining = [s for s in PIPELINE[PIPELINE.index(stage):] if s.name in cfg.stages and s.distributed]
+            stale = [s.name for s in remaining if cfg.force or not stage_is_current(s, ctx)]
+            if stale:
+                run_local_ranks(cfg, overrides, stale)
+            return
         if stage.name == "shard" and cfg.shard.worker_index is not None:
             run_shard_part(stage, ctx, merge=auto_split)
         elif stage.data_stage and launch.rank != 0:
@@ -162,20 +195,32 @@ def run_pipeline(cfg: PipelineConfig, resolved_yaml: str) -> None:
             run_stage(stage, ctx)
 
 
+def stage_is_current(stage: Stage, ctx: Context) -> bool:
+    marker = ctx.run_dir / "stages" / f"{stage.name}.json"
+    if is_complete(marker, inputs_digest(stage.inputs(ctx)), ctx.run_dir):
+        log.info("%s: complete and unchanged, skipped (force=true reruns it)", stage.name)
+        return True
+    return False
+
+
 def run_stage(stage: Stage, ctx: Context, marker_name: str | None = None) -> None:
     marker = ctx.run_dir / "stages" / f"{marker_name or stage.name}.json"
     inputs = stage.inputs(ctx)
     digest = inputs_digest(inputs)
+    leader = ctx.launch.rank == 0 or not stage.distributed
     if not ctx.cfg.force and is_complete(marker, digest, ctx.run_dir):
-        log.info("%s: complete and unchanged, skipped (force=true reruns it)", stage.name)
+        if leader:
+            log.info("%s: complete and unchanged, skipped (force=true reruns it)", stage.name)
         return
-    marker.unlink(missing_ok=True)  # an interrupted rerun must not look complete
+    if leader:
+        marker.unlink(missing_ok=True)  # an interrupted rerun must not look complete
+        log.info("%s: running", marker_name or stage.name)
     started = time.time()
-    log.info("%s: running", marker_name or stage.name)
     outputs = stage.run(ctx)
-    record = {"stage": stage.name, "inputs_sha256": digest, "inputs": inputs, "version": __version__,
-              "seconds": round(time.time() - started, 3), "outputs": describe_outputs(outputs, ctx.run_dir)}
-    atomic_write_json(marker, record)
+    if leader:
+        record = {"stage": stage.name, "inputs_sha256": digest, "inputs": inputs, "version": __version__,
+                  "seconds": round(time.time() - started, 3), "outputs": describe_outputs(outputs, ctx.run_dir)}
+        atomic_write_json(marker, record)
 
 
 def run_shard_part(stage: Stage, ctx: Context, merge: bool) -> None:

@@ -124,8 +124,23 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_launch_info_from_torchrun_and_slurm():
     torchrun = LaunchInfo.from_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"})
-    assert torchrun == LaunchInfo(rank=3, world_size=8, local_rank=1, local_world_size=4)
+    assert torchrun == LaunchInfo(rank=3, world_size=8, local_rank=1, local_world_size=4, under_launcher=True)
     slurm = LaunchInfo.from_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
                                  "SLURM_NTASKS_PER_NODE": "4(x2)"})
-    assert slurm == LaunchInfo(rank=5, world_size=8, local_rank=1, local_world_size=4)
+    assert slurm == LaunchInfo(rank=5, world_size=8, local_rank=1, local_world_size=4, under_launcher=True)
     assert not LaunchInfo.from_env({}).under_launcher
+
+
+def test_srun_variables_become_torch_variables():
+    from pipeline.distributed import export_torch_env, first_host
+
+    assert first_host("gpu[003-004,010],cpu1") == "gpu003"
+    assert first_host("node7") == "node7"
+    env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "2(x2)",
+           "SLURM_JOB_NODELIST": "n[10-11]"}
+    export_torch_env(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"], env["MASTER_PORT"]) == \
+        ("3", "4", "1", "n10", "29500")
+    torchrun = {"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "5", "SLURM_NTASKS": "8"}
+    export_torch_env(torchrun)  # torchrun's variables win
+    assert torchrun["RANK"] == "0" and "MASTER_ADDR" not in torchrun

@@ -1,0 +1,135 @@
+"""Pretraining loader throughput: tokens/s of `PretrainLoader.next_global_batch` on synthetic shards.
+
+Builds a shard set of --tokens random uint16 tokens (documents of random length, each ending with EOS,
+shards of --shard-mtok million tokens so windows cross files) in a temporary folder, or in --dir where
+it is reused when already there. Then times `open_split` (verify=full: sha256 + token-id range of every
+file) and --steps optimizer steps of `next_global_batch` (seq_len 2048, global batch 256 by default).
+The shards were just written, so they are in the page cache: this is the loader's own cost, not the disk's.
+Prints a table and, when bench/RESULTS.md exists, appends a dated row to it.
+"""
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if sys.path and os.path.abspath(sys.path[0] or os.curdir) == HERE:
+    sys.path[0] = ROOT  # `python bench/loader.py` runs from bench/: import the checkout's pipeline/
+
+import argparse  # noqa: E402
+import platform  # noqa: E402
+import shlex  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict  # noqa: E402
+from datetime import datetime, timezone  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from pipeline.data import PretrainLoader, open_split  # noqa: E402
+from pipeline.fsutil import atomic_write_json, sha256_file  # noqa: E402
+from pipeline.indexed import IndexedDatasetWriter  # noqa: E402
+
+RESULTS = Path(ROOT) / "bench" / "RESULTS.md"
+VOCAB, EOS = 32000, 2
+
+
+def build_shards(folder: Path, num_tokens: int, shard_tokens: int, seed: int = 0) -> Path:
+    """folder/shards/{train,val} + manifest.json as shard.py writes them, and a stand-in tokenizer."""
+    shards, tokenizer = folder / "shards", folder / "tokenizer.model"
+    if (shards / "manifest.json").is_file():
+        return tokenizer
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.write_bytes(b"bench/loader.py stand-in tokenizer")
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for split, total in (("train", num_tokens), ("val", max(1 << 16, num_tokens // 100))):
+        (shards / split).mkdir(parents=True, exist_ok=True)
+        infos, left = [], total
+        while left:
+            n = min(left, shard_tokens)
+            with IndexedDatasetWriter(shards / split / f"{len(infos):05d}", np.uint16) as w:
+                for lo in range(0, n, 1 << 24):  # 16M tokens at a time bounds memory
+                    tokens = rng.integers(3, VOCAB, min(1 << 24, n - lo), dtype=np.uint16)
+                    lengths = rng.geometric(1 / 1500, size=tokens.size // 1500 + 10)
+                    ends = np.cumsum(lengths)
+                    ends = ends[ends < tokens.size]
+                    tokens[ends - 1] = EOS
+                    tokens[-1] = EOS
+                    w.add_documents(tokens, np.diff(np.concatenate([[0], ends, [tokens.size]])))
+                infos.append(asdict(w.finalize()))
+            left -= n
+        splits[split] = {"documents": sum(i["num_documents"] for i in infos), "tokens": total, "shards": infos}
+    atomic_write_json(shards / "manifest.json", {
+        "format": "MMIDIDX", "format_version": 1, "tokenizer_sha256": sha256_file(tokenizer), "vocab_size": VOCAB,
+        "dtype": "uint16", "eos_id": EOS, "bos_id": 1, "pad_id": -1, "val_fraction": 0.01, "seed": seed,
+        "splits": splits})
+    return tokenizer
+
+
+def hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} CPUs, {ram:.0f} GiB RAM"
+
+
+def measure(folder: Path, args) -> dict:
+    tokenizer = build_shards(folder, args.tokens, int(args.shard_mtok * 1e6))
+    started = time.perf_counter()
+    stream = open_split(folder / "shards", "train", tokenizer, verify="full")
+    verify_s = time.perf_counter() - started
+    loader = PretrainLoader(stream, args.seq_len, args.micro_batch_size, args.global_batch_size, 0, 1, seed=0)
+    loader.next_global_batch()  # first permutation and buffers
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        batches = loader.next_global_batch()
+        times.append(time.perf_counter() - t)
+    assert sum(x.shape[0] for x, _ in batches) == args.global_batch_size
+    tokens_per_step = args.global_batch_size * args.seq_len
+    return {"tokens": f"{stream.num_tokens:,}", "seq_len": str(args.seq_len),
+            "global batch": str(args.global_batch_size), "micro batch": str(args.micro_batch_size),
+            "steps": str(args.steps), "epochs": f"{loader.samples_consumed / loader.num_samples:.2f}",
+            "step ms (median)": f"{np.median(times) * 1e3:.2f}",
+            "loader M tok/s": f"{tokens_per_step * len(times) / sum(times) / 1e6:.1f}",
+            "open verify=full s": f"{verify_s:.2f}",
+            "verify GB/s": f"{stream.num_tokens * stream.dtype.itemsize / verify_s / 1e9:.2f}"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dir", type=Path, help="build (or reuse) the shards here instead of a temporary folder")
+    parser.add_argument("--tokens", type=int, default=200_000_000, help="train tokens (default 200M)")
+    parser.add_argument("--shard-mtok", type=float, default=64, help="million tokens per shard (default 64)")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--global-batch-size", type=int, default=256)
+    parser.add_argument("--micro-batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=300, help="timed optimizer steps (default 300)")
+    parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    args = parser.parse_args()
+    command = shlex.join(["python", *sys.argv])
+    if args.dir:
+        row = measure(args.dir.resolve(), args)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
+            row = measure(Path(tmp), args)
+    widths = {k: max(len(k), len(v)) for k, v in row.items()}
+    print("  ".join(k.rjust(widths[k]) for k in row))
+    print("  ".join(v.rjust(widths[k]) for k, v in row.items()))
+    print("loader M tok/s: input tokens of all timed steps / their total time, one process, page cache warm")
+    if args.no_record or not RESULTS.exists():
+        return
+    figures = "; ".join(f"{k} {v}" for k, v in row.items())
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    with open(RESULTS, "a") as f:
+        f.write(f"| {date} | {hardware()} | `{command}` | {figures} |\n")
+    print(f"appended to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

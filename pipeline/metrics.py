@@ -1,0 +1,77 @@
+"""Run metrics: `metrics.jsonl` (plot it without wandb), the console, and wandb (rank 0 only)."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from .config import WandbConfig
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 tensor-core peaks (no sparsity), by a substring of torch.cuda.get_device_name().
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+                   "L40S": 362e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's peak bf16 FLOP/s, or None where unknown (CPU): MFU is then reported as null."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def wandb_mode(cfg: WandbConfig) -> str:
+    if cfg.mode:
+        return cfg.mode
+    return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+
+
+class MetricsLogger:
+    """Appends one JSON object per record; mirrors train and eval records to wandb."""
+
+    def __init__(self, run_dir: Path, stage: str, enabled: bool, wandb_cfg: WandbConfig, config: dict):
+        self.stage, self.enabled = stage, enabled
+        self.path = run_dir / "metrics.jsonl"
+        self._wandb = None
+        if enabled and wandb_mode(wandb_cfg) != "disabled":
+            import wandb
+
+            self._wandb = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity,
+                                     name=wandb_cfg.name or f"{run_dir.name}-{stage}", group=wandb_cfg.group,
+                                     tags=list(wandb_cfg.tags), config=config, dir=str(run_dir),
+                                     mode=wandb_mode(wandb_cfg), job_type=stage, resume="allow",
+                                     id=f"{run_dir.name}-{stage}".replace("/", "-")[:64])
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"stage": self.stage, **{k: _plain(v) for k, v in record.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        shown = " ".join(f"{k}={_short(v)}" for k, v in record.items() if k != "stage" and v is not None)
+        log.info("%s: %s", self.stage, shown)
+        if self._wandb is not None:
+            self._wandb.log({f"{self.stage}/{k}": v for k, v in record.items()
+                             if k not in ("stage", "step") and isinstance(v, (int, float))}, step=record["step"])
+
+    def finish(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _plain(value):
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN or infinity; the skip counters say what happened
+    return value
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

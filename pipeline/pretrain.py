@@ -1,0 +1,76 @@
+"""`pretrain` stage: setup → main → fit. Every rank runs this under a launcher (or one we start)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .config import PipelineConfig
+from .errors import PipelineError
+from .metrics import MetricsLogger
+from .tokenizer import load_tokenizer
+from .train import Trainer, build_optimizer, deepspeed_config, grad_accumulation, init_distributed
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return run_dir / "pretrain" / "checkpoints"
+
+
+def main(cfg: PipelineConfig, run_dir: Path, resolved_config: dict) -> None:
+    import deepspeed
+
+    from .data import EvalBatches, PretrainLoader, open_split
+    from .model import Transformer, compile_blocks, flops_per_token
+
+    device = init_distributed(cfg.launch)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    train = cfg.train
+    grad_accum = grad_accumulation(train, world)
+    sp = load_tokenizer(run_dir / "tokenizer" / "tokenizer.model")
+    model_cfg = replace(cfg.model, vocab_size=cfg.model.vocab_size or sp.get_piece_size())
+    if model_cfg.vocab_size < sp.get_piece_size():
+        raise PipelineError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+                            f"{sp.get_piece_size()}; leave model.vocab_size unset")
+    if train.seq_len > model_cfg.max_seq_len:
+        raise PipelineError(f"train.seq_len={train.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len} "
+                            f"of model={model_cfg.name}; lower train.seq_len or raise model.max_seq_len")
+    shards = run_dir / "shards"
+    tokenizer_path = run_dir / "tokenizer" / "tokenizer.model"
+    stream = open_split(shards, "train", tokenizer_path, verify=train.verify_shards)
+    loader = PretrainLoader(stream, train.seq_len, train.micro_batch_size, train.global_batch_size,
+                            dp_rank=rank, dp_world=world, seed=train.seed, pin_memory=device.type == "cuda")
+    val = open_split(shards, "val", tokenizer_path, verify=train.verify_shards, required=False)
+
+    torch.manual_seed(train.seed)  # the same initial weights on every rank and every run
+    model = Transformer(model_cfg)
+    if model_cfg.compile:
+        compile_blocks(model)
+    optimizer = build_optimizer(model, train, cfg.deepspeed, device)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                      config=deepspeed_config(train, cfg.deepspeed, cfg.precision,
+                                                              train.micro_batch_size, grad_accum))
+
+    # built now so that a validation split too small for one batch fails before training, not after
+    eval_set = [] if val is None else EvalBatches(val, train.seq_len, train.micro_batch_size, train.eval_batches,
+                                                  rank, world)
+
+    metrics = MetricsLogger(run_dir, "pretrain", rank == 0, cfg.logging.wandb, resolved_config)
+    trainer = Trainer(stage="pretrain", engine=engine, loader=loader, eval_batches=eval_set, train=train,
+                      run_dir=run_dir, checkpoint_root=checkpoint_root(run_dir), metrics=metrics,
+                      flops_per_token=flops_per_token(model_cfg, train.seq_len),
+                      tokens_per_step=train.global_batch_size * train.seq_len, device=device)
+    if rank == 0:
+        log.info("pretrain: model=%s, %.2fM parameters, %d ranks × micro batch %d × %d accumulation, "
+                 "ZeRO %d, %s", model_cfg.name, sum(p.numel() for p in model.parameters()) / 1e6, world,
+                 train.micro_batch_size, grad_accum, cfg.deepspeed.stage, cfg.precision.name)
+    trainer.resume()
+    if trainer.state.step >= train.max_steps:
+        log.info("pretrain: already at step %d of train.max_steps=%d", trainer.state.step, train.max_steps)
+    else:
+        trainer.fit()
+    metrics.finish()

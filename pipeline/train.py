@@ -1,0 +1,263 @@
+"""The training engine shared by `pretrain` and `finetune`: DeepSpeed ZeRO, schedule, loop.
+
+Parallelism is applied here, outside the model: the model is a plain nn.Module and
+`deepspeed.initialize` wraps it with the ZeRO stage and precision from the config groups.
+The loop keeps the host out of the step: losses stay on the device and are read only at log
+intervals; the learning rate is a pure function of the step, so resuming restores it exactly.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import find_resumable, load_checkpoint, save_checkpoint
+from .config import DeepSpeedConfig, LaunchConfig, PrecisionConfig, TrainConfig
+from .errors import PipelineError
+from .metrics import MetricsLogger, peak_flops
+
+log = logging.getLogger(__name__)
+
+
+def init_distributed(launch: LaunchConfig) -> torch.device:
+    """Join the process group the launcher described (torchrun, deepspeed or srun variables)."""
+    import deepspeed
+
+    from .distributed import export_torch_env
+
+    export_torch_env()
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=launch.timeout_s),
+                                   auto_mpi_discovery=False)
+    return device
+
+
+def lr_at(step: int, train: TrainConfig) -> float:
+    """Learning rate for the update with 0-based index `step`: warmup, then the chosen decay."""
+    if step < train.warmup_steps:
+        return train.lr * (step + 1) / train.warmup_steps
+    floor = train.lr * train.min_lr_ratio
+    if train.schedule == "constant":
+        return train.lr
+    if train.schedule == "cosine":
+        progress = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
+        return floor + (train.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if train.schedule == "wsd":  # warmup, stable, then linear decay over the last decay_fraction
+        decay_start = train.max_steps - int(train.decay_fraction * train.max_steps)
+        if step < decay_start:
+            return train.lr
+        return train.lr + (floor - train.lr) * (step - decay_start) / max(1, train.max_steps - decay_start)
+    raise PipelineError(f"train.schedule={train.schedule!r}: choose cosine, constant or wsd")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on norms and embeddings (1-D tensors and embedding tables)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or id(param) in embeddings else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, train: TrainConfig, ds: DeepSpeedConfig, device: torch.device):
+    groups = param_groups(model, train.weight_decay)
+    kwargs = dict(lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps)
+    if ds.offload_optimizer:  # the optimizer step runs on the CPU: DeepSpeed's vectorised CPU Adam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    if device.type == "cuda":
+        try:
+            from deepspeed.ops.adam import FusedAdam
+
+            return FusedAdam(groups, adam_w_mode=True, **kwargs)
+        except Exception as exc:  # its CUDA op failed to build: torch's fused AdamW is as fast
+            log.warning("DeepSpeed FusedAdam unavailable (%s); using torch AdamW(fused=True)", exc)
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, precision: PrecisionConfig,
+                     micro_batch: int, grad_accum: int) -> dict:
+    zero: dict = {"stage": ds.stage}
+    if ds.stage > 0:
+        zero.update(overlap_comm=ds.overlap_comm, contiguous_gradients=ds.contiguous_gradients,
+                    reduce_bucket_size=ds.reduce_bucket_size)
+        if ds.stage < 3:
+            zero["allgather_bucket_size"] = ds.allgather_bucket_size
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.offload_param:
+        if ds.stage != 3:
+            raise PipelineError("deepspeed.offload_param needs ZeRO stage 3: use deepspeed=zero3_offload")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": zero,
+        "steps_per_print": 1 << 30,  # we log ourselves
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if precision.name == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif precision.name == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": precision.initial_scale_power,
+                          "loss_scale_window": precision.loss_scale_window, "hysteresis": precision.hysteresis,
+                          "min_loss_scale": precision.min_loss_scale}
+    elif precision.name != "fp32":
+        raise PipelineError(f"precision={precision.name!r}: choose bf16, fp16 or fp32")
+    return _deep_merge(config, ds.extra)
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(
+            merged.get(key), dict) else value
+    return merged
+
+
+def grad_accumulation(train: TrainConfig, world_size: int) -> int:
+    per_step = train.micro_batch_size * world_size
+    if train.global_batch_size % per_step:
+        raise PipelineError(f"train.global_batch_size={train.global_batch_size} is not a multiple of "
+                            f"train.micro_batch_size × data-parallel ranks = {train.micro_batch_size} × "
+                            f"{world_size} = {per_step}")
+    return train.global_batch_size // per_step
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer updates done
+    tokens_seen: int = 0
+    loader: dict | None = None
+
+
+class Trainer:
+    """Runs the loop for one stage; every rank constructs one."""
+
+    def __init__(self, *, stage: str, engine, loader, eval_batches: Iterable, train: TrainConfig,
+                 run_dir: Path, checkpoint_root: Path, metrics: MetricsLogger, flops_per_token: int,
+                 tokens_per_step: int, device: torch.device):
+        self.stage, self.engine, self.loader, self.eval_batches = stage, engine, loader, eval_batches
+        self.train, self.run_dir, self.checkpoint_root = train, run_dir, checkpoint_root
+        self.metrics, self.flops_per_token, self.tokens_per_step = metrics, flops_per_token, tokens_per_step
+        self.device = device
+        self.state = TrainerState()
+        self.peak = peak_flops(device)
+
+    # -- resume -----------------------------------------------------------------------------------
+    def resume(self) -> None:
+        """train.resume: auto (newest complete checkpoint of this run), none, or a folder."""
+        choice = self.train.resume
+        if choice == "none":
+            return
+        if choice == "auto":
+            found = find_resumable(self.checkpoint_root)
+            if found is None:
+                return
+            folder = found[0]
+        else:
+            folder = Path(choice).expanduser().resolve()
+            if not folder.is_dir():
+                raise PipelineError(f"train.resume={choice!r} is not a checkpoint folder")
+        # Test hook: prove that the RNG and loader restores matter (the resume tests turn them off).
+        skip = os.environ.get("PIPELINE_TEST_SKIP_RESTORE", "")
+        trainer_state = load_checkpoint(self.engine, folder, restore_rng=skip != "rng")
+        self.state = TrainerState(**trainer_state)
+        if skip != "loader":
+            self.loader.load_state_dict(self.state.loader)
+        log.info("%s: resumed from %s at step %d", self.stage, folder, self.state.step)
+
+    # -- loop -------------------------------------------------------------------------------------
+    def fit(self) -> TrainerState:
+        train, engine = self.train, self.engine
+        loss_sum = torch.zeros((), device=self.device)
+        steps_in_window, window_start = 0, time.perf_counter()
+        engine.train()
+        while self.state.step < train.max_steps:
+            lr = lr_at(self.state.step, train)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+            micro_batches = self.loader.next_global_batch()
+            for inputs, labels in micro_batches:
+                inputs = inputs.to(self.device, non_blocking=True)
+                labels = labels.to(self.device, non_blocking=True)
+                _, loss = engine(inputs, labels)
+                engine.backward(loss)
+                engine.step()
+                loss_sum += loss.detach() / len(micro_batches)
+            self.state.step += 1
+            self.state.tokens_seen += self.tokens_per_step
+            steps_in_window += 1
+            step = self.state.step
+            if step % train.log_interval == 0 or step == train.max_steps:
+                elapsed = time.perf_counter() - window_start
+                self._log_train(loss_sum, steps_in_window, elapsed, lr)
+                loss_sum.zero_()
+                steps_in_window, window_start = 0, time.perf_counter()
+            if step % train.eval_interval == 0 or step == train.max_steps:
+                self.metrics.log({"step": step, "val_loss": self.evaluate(), "tokens_seen": self.state.tokens_seen})
+            if step % train.save_interval == 0 or step == train.max_steps:
+                self.save()
+        return self.state
+
+    def save(self) -> Path:
+        self.state.loader = self.loader.state_dict()
+        return save_checkpoint(self.engine, self.checkpoint_root, self.state.step, asdict(self.state),
+                               self.train.keep_last)
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        self.engine.eval()
+        total = torch.zeros(2, device=self.device, dtype=torch.float64)
+        for inputs, labels in self.eval_batches:  # re-iterable: the same batches every time
+            _, loss = self.engine(inputs.to(self.device), labels.to(self.device))
+            total += torch.stack([loss.detach().double(), torch.ones((), device=self.device, dtype=torch.float64)])
+        dist.all_reduce(total)
+        self.engine.train()
+        return (total[0] / total[1]).item() if total[1] > 0 else None
+
+    def _log_train(self, loss_sum: torch.Tensor, steps: int, elapsed: float, lr: float) -> None:
+        loss = loss_sum.clone() / steps
+        dist.all_reduce(loss)
+        loss = loss.item() / dist.get_world_size()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        tokens_per_s = self.tokens_per_step * steps / elapsed
+        achieved = tokens_per_s * self.flops_per_token
+        grad_norm = self.engine.get_global_grad_norm()
+        self.metrics.log({
+            "step": self.state.step, "loss": loss, "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_per_s": round(tokens_per_s, 1),
+            "mfu": round(achieved / (self.peak * dist.get_world_size()), 4) if self.peak else None,
+            "step_time_s": round(elapsed / steps, 4),
+            "tokens_seen": self.state.tokens_seen,
+            "memory_gb": round(_memory_bytes(self.device) / 2**30, 3),
+            "skipped_steps": int(getattr(self.engine, "skipped_steps", 0)),
+        })
+
+
+def _memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak RSS of this rank
