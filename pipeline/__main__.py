@@ -70,10 +70,11 @@ def errors_reported(debug: bool):
         if debug:
             raise
         rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
-        if rank == 0 or not isinstance(exc, PipelineError):
-            print(f"error: {_one_line(exc)}", file=sys.stderr)
-        else:  # every rank meets the same bad input; rank 0 alone reports it
-            print(f"rank {rank}: {_one_line(exc)}", file=sys.stderr)
+        # one write per line: ranks share the terminal. Every rank meets the same bad input;
+        # rank 0 alone reports it as the error line.
+        prefix = "error" if rank == 0 or not isinstance(exc, PipelineError) else f"rank {rank}"
+        sys.stderr.write(f"{prefix}: {_one_line(exc)}\n")
+        sys.stderr.flush()
         sys.exit(EXIT_ERROR)
 
 

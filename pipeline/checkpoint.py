@@ -11,6 +11,7 @@ Our own files (RNG states) load with `weights_only=True`.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -63,14 +64,10 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, keep_las
         shutil.rmtree(folder)
     dist.barrier()
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    rng_path = folder / f"rng_rank{rank:05d}.pt"
-    tmp = rng_path.with_name(rng_path.name + ".tmp")
-    torch.save(rng_state(), tmp)
-    os.replace(tmp, rng_path)
-    for path in folder.rglob("*"):  # make this rank's files durable before rank 0 vouches for them
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+    buffer = io.BytesIO()
+    torch.save(rng_state(), buffer)
+    atomic_write_bytes(folder / f"rng_rank{rank:05d}.pt", buffer.getvalue())
+    fsync_files(folder)
     dist.barrier()
     if rank == 0:
         files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -80,6 +77,18 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, keep_las
         prune(root, keep_last)
     dist.barrier()
     return folder
+
+
+def fsync_files(folder: Path) -> None:
+    """Make the checkpoint's files durable before rank 0 vouches for them (other ranks may still be
+    renaming their own files: a file that vanished under us is theirs to sync)."""
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.name.endswith(".tmp"):
+            try:
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+            except FileNotFoundError:
+                pass
 
 
 def verify(folder: Path) -> tuple[dict | None, str]:

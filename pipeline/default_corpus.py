@@ -12,6 +12,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Iterator
 
+from .fsutil import fsync_dir
+
 GENERATOR_VERSION = 1
 DEFAULT_NUM_DOCUMENTS = 10000  # ~4 MB of text, under a second to generate
 NUM_PEOPLE = 400  # even: people come in sibling pairs sharing a surname
@@ -308,14 +310,6 @@ class DefaultCorpusInfo:
 CORPUS, TRAIN, EVAL, INFO = "corpus.jsonl", "instructions_train.jsonl", "instructions_eval.jsonl", "info.json"
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_atomically(path: Path, lines: Iterator[str]) -> tuple[int, str]:
     """Stream lines into a temp file, fsync, rename into place; returns (bytes, sha256)."""
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")  # per-pid: concurrent writers don't clash
@@ -329,7 +323,7 @@ def _write_atomically(path: Path, lines: Iterator[str]) -> tuple[int, str]:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return size, digest.hexdigest()
 
 
@@ -374,7 +368,7 @@ def write_default_corpus(out_dir: Path, seed: int = 1234,
         return _info_from(out_dir, info)
     # Drop the old info.json first: if we crash midway, no stale info can vouch for mixed files.
     (out_dir / INFO).unlink(missing_ok=True)
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
     for leftover in out_dir.glob(".*.tmp.*"):
         if leftover.name.split(".tmp.")[0][1:] in (CORPUS, TRAIN, EVAL, INFO) and _writer_is_gone(leftover):
             leftover.unlink(missing_ok=True)

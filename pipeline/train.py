@@ -119,6 +119,11 @@ def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, precision: Precisi
     if precision.name == "bf16":
         config["bf16"] = {"enabled": True}
     elif precision.name == "fp16":
+        from deepspeed.accelerator import get_accelerator
+
+        if not get_accelerator().is_fp16_supported():
+            raise PipelineError(f"precision=fp16 is not supported on {get_accelerator().device_name()} "
+                                f"(DeepSpeed's CPU accelerator has no fp16): use precision=bf16 or fp32")
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": precision.initial_scale_power,
                           "loss_scale_window": precision.loss_scale_window, "hysteresis": precision.hysteresis,
                           "min_loss_scale": precision.min_loss_scale}

@@ -137,11 +137,34 @@ def test_resume_after_a_kill_is_bit_exact(tmp_path, data_run, uninterrupted, ski
 
 
 def test_bad_training_config_gives_one_error_line(tmp_path, data_run):
+    import torch
+
     run_dir = fresh_run(data_run, tmp_path)
-    for overrides, phrase in (
-        (("train.global_batch_size=6", "launch.nproc_per_node=2"), "not a multiple"),
-        (("train.seq_len=4096",), "exceeds model.max_seq_len"),
-    ):
+    cases = [(("train.global_batch_size=6", "launch.nproc_per_node=2"), "not a multiple"),
+             (("train.seq_len=4096",), "exceeds model.max_seq_len")]
+    if not torch.cuda.is_available():
+        cases.append((("precision=fp16",), "precision=fp16 is not supported"))
+    for overrides, phrase in cases:
         proc = pretrain(run_dir, *overrides, check=False)
         assert proc.returncode != 0
         assert len(error_lines(proc)) == 1 and phrase in error_lines(proc)[0], proc.stderr[-3000:]
+
+
+def unigram_entropy(run_dir: Path) -> float:
+    """Entropy (nats) of the train tokens' unigram distribution: the loss of a model that ignores context."""
+    from pipeline.data import open_split
+
+    stream = open_split(run_dir / "shards", "train", run_dir / "tokenizer" / "tokenizer.model", verify="off")
+    counts = np.bincount(stream.read(0, stream.num_tokens)).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def test_the_built_in_corpus_is_learned_well_below_unigram_entropy(tmp_path):
+    proc = run_cli(f"run_dir={tmp_path}", "stages=[tokenize,shard,pretrain]", "model=tiny",
+                   "train.max_steps=100", "train.eval_interval=50", "train.save_interval=100")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    val = records(tmp_path, "val_loss")
+    entropy = unigram_entropy(tmp_path)
+    assert val[50] > val[100]
+    assert val[100] < 0.5 * entropy, (val, entropy)
