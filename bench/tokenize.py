@@ -6,8 +6,11 @@
 Goals (issue): shard MB/s >= 0.9 x raw `sp.encode(docs, num_threads=N)` MB/s, and shard peak RSS
 under 2 GB for a 1 GB corpus. A corpus under --min-mb is first repeated into bench/out/ as .jsonl
 (.txt: one document per blank-line-separated block). Every measurement runs in a fresh process, so
-each peak RSS is its own; interpreter and import startup are excluded from the timings. A row is
-appended to bench/RESULTS.md.
+each peak RSS is its own; interpreter and import startup are excluded from the timings, but not what
+the stage itself loads (datasets' streaming reader imports torch, ~2 s). "cores" is CPU time over
+wall time: well under --threads means the cores were shared (see the load average) or idle. A row is
+appended to bench/RESULTS.md. raw holds every document and token id in memory (~17x the corpus):
+use --shard-only for large corpora.
 """
 import os
 import sys
@@ -71,28 +74,30 @@ def run_dir_for(corpus: Path) -> Path:
     return OUT / f"run-{corpus.stem}"
 
 
-def train_tokenizer(corpus: Path, vocab: int) -> None:
+def train_tokenizer(corpus: Path, vocab: int, text_field: str) -> None:
     """The pipeline's own tokenize stage (skipped when complete and unchanged)."""
     quoted = "'" + str(corpus).replace("\\", "\\\\").replace("'", "\\'") + "'"
     cmd = [sys.executable, "-m", "pipeline", "stages=[tokenize]", "data=files", f"data.paths=[{quoted}]",
            f"data.split_on_blank_lines={str(is_txt(corpus)).lower()}",
-           f"run_dir={run_dir_for(corpus)}", f"tokenizer.vocab_size={vocab}"]
-    subprocess.run(cmd, cwd=ROOT, check=True)
+           f"data.text_field={text_field}", f"run_dir={run_dir_for(corpus)}", f"tokenizer.vocab_size={vocab}"]
+    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+        sys.exit("training the tokenizer failed (see above): " + shlex.join(cmd))
 
 
 def is_txt(corpus: Path) -> bool:
     return corpus.suffix.lower() in (".txt", ".text")
 
 
-def pipeline_config(corpus: Path, vocab: int, threads: int):
+def pipeline_config(corpus: Path, vocab: int, threads: int, text_field: str):
     from pipeline.config import DataConfig, PipelineConfig, ShardConfig, TokenizerConfig
 
     return PipelineConfig(run_dir=str(run_dir_for(corpus)), stages=["shard"], force=True,
-                          data=DataConfig(source="files", paths=[str(corpus)], split_on_blank_lines=is_txt(corpus)),
+                          data=DataConfig(source="files", paths=[str(corpus)], text_field=text_field,
+                                          split_on_blank_lines=is_txt(corpus)),
                           tokenizer=TokenizerConfig(vocab_size=vocab), shard=ShardConfig(encode_threads=threads))
 
 
-def child(kind: str, corpus: Path, vocab: int, threads: int) -> dict:
+def child(kind: str, corpus: Path, vocab: int, threads: int, text_field: str) -> dict:
     """One measurement in this (fresh) process; returns its figures."""
     started = time.perf_counter()
     import datasets  # noqa: F401  import startup, excluded like the interpreter's (the stage imports it lazily)
@@ -101,7 +106,7 @@ def child(kind: str, corpus: Path, vocab: int, threads: int) -> dict:
     from pipeline.runner import PIPELINE, Context, prepare_run_dir, run_stage
     from pipeline.tokenizer import load_tokenizer
     import_s = time.perf_counter() - started
-    cfg = pipeline_config(corpus, vocab, threads)
+    cfg = pipeline_config(corpus, vocab, threads, text_field)
     ctx = Context(cfg=cfg, run_dir=prepare_run_dir(cfg), launch=LaunchInfo.from_env())
     if kind == "raw":
         reader = Corpus(ctx.corpus_paths, cfg.data)
@@ -126,7 +131,7 @@ def child(kind: str, corpus: Path, vocab: int, threads: int) -> dict:
 
 def measure(kind: str, args, corpus: Path) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--vocab", str(args.vocab),
-           "--threads", str(args.threads), str(corpus)]
+           "--threads", str(args.threads), "--text-field", args.text_field, str(corpus)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{kind} run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -155,18 +160,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="encode threads (default: all cores)")
     parser.add_argument("--repeats", type=int, default=3, help="raw/shard pairs, alternated (default 3)")
     parser.add_argument("--vocab", type=int, default=8000, help="tokenizer.vocab_size (default 8000)")
+    parser.add_argument("--text-field", default="text", help="data.text_field for .jsonl/.json/.parquet (default text)")
     parser.add_argument("--shard-only", action="store_true",
-                        help="skip raw (it holds every document and token id in memory: ~16x the corpus)")
+                        help="skip raw (for corpora whose token ids do not fit in memory)")
     parser.add_argument("--no-record", action="store_true", help=f"do not append to {RESULTS.relative_to(ROOT)}")
     parser.add_argument("--child", choices=["raw", "shard"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:  # internal: one measurement, figures as the last stdout line
-        print(json.dumps(child(args.child, args.corpus.resolve(), args.vocab, args.threads)))
+        print(json.dumps(child(args.child, args.corpus.resolve(), args.vocab, args.threads, args.text_field)))
         return
 
     command = shlex.join(["python", *sys.argv])
     corpus = bench_corpus(args.corpus.resolve(), args.min_mb)
-    train_tokenizer(corpus, args.vocab)
+    train_tokenizer(corpus, args.vocab, args.text_field)
     kinds = ("shard",) if args.shard_only else ("raw", "shard")
     load = os.getloadavg()[0]
     print(f"corpus {corpus} ({corpus.stat().st_size / MB:.1f} MB on disk), {args.threads} threads, "

@@ -275,7 +275,7 @@ def measure_pair(model_cfg: ModelConfig, stage: int, precision: str, args, devic
         steps = [batches(i) for i in range(args.profile)]
         profile = (f"plain: {profile_runner(plain, steps, device, 0)}"
                    f"zero{stage}: {profile_runner(engine, steps, device, args.profile_top)}")
-    result = {"times": times, "loss": {k: float(v) for k, v in losses.items()},
+    result = {"times": times, "order": names, "loss": {k: float(v) for k, v in losses.items()},
               "optimizer": engine.final_optimizer, "profile": profile}
     for runner in runners.values():
         runner.close()
@@ -291,12 +291,14 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def overhead_interval(engine: list[float], plain: list[float], level: float = 0.9, n: int = 2000) -> tuple[float, float]:
-    """Bootstrap interval of median(engine) / median(plain) - 1: how much of an overhead is machine noise."""
+def paired_overhead(engine: list[float], plain: list[float], level: float = 0.9,
+                    n: int = 2000) -> tuple[float, float, float]:
+    """Median of the per-step ratios engine[i] / plain[i] - 1 (the two ran back to back, so both saw about the
+    same load), and its bootstrap interval over the pairs: how much of an overhead is machine noise."""
+    ratios = [e / p for e, p in zip(engine, plain)]
     rng = random.Random(0)
-    ratios = sorted(statistics.median(rng.choices(engine, k=len(engine)))
-                    / statistics.median(rng.choices(plain, k=len(plain))) - 1 for _ in range(n))
-    return quantile(ratios, (1 - level) / 2), quantile(ratios, (1 + level) / 2)
+    medians = [statistics.median(rng.choices(ratios, k=len(ratios))) - 1 for _ in range(n)]
+    return statistics.median(ratios) - 1, quantile(medians, (1 - level) / 2), quantile(medians, (1 + level) / 2)
 
 
 def summarize(r: dict, model_name: str, n_params: int, precision: str, stage: int, tokens_per_step: int,
@@ -326,13 +328,13 @@ def summarize(r: dict, model_name: str, n_params: int, precision: str, stage: in
             "tok/s": f"{tok_s:,.0f}",
             "MFU": "null" if peak is None else f"{tok_s * fpt / peak:.3f}",
             "overhead": "-" if overhead is None else f"{overhead * 100:+.1f}%",
-            "90% CI": "-",
+            "paired": "-",
             "goal": "-",
         }
         if not is_plain:
-            low, high = overhead_interval(r["times"][name]["wall"], r["times"]["plain"]["wall"])
+            paired, low, high = paired_overhead(r["times"][name]["wall"], r["times"]["plain"]["wall"])
             goal = GOALS[stage]
-            row["90% CI"] = f"{low * 100:+.1f}..{high * 100:+.1f}%"
+            row["paired"] = f"{paired * 100:+.1f}% [{low * 100:+.1f}, {high * 100:+.1f}]"
             row["goal"] = f"≤{goal:.0%} " + ("met" if overhead <= goal else "missed") + (
                 " (noise)" if low <= goal < high else "")
         if device.type == "cpu":  # CPU seconds of the process: less disturbed by other load on the machine
@@ -374,6 +376,7 @@ def main() -> None:
                         help="cProfile N more steps of each pair: own time by source (DeepSpeed's Python, the "
                              "model's, torch ops) for both, the top functions of the engine")
     parser.add_argument("--profile-top", type=int, default=25)
+    parser.add_argument("--json", type=Path, help="also write every step's times here")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     args = parser.parse_args()
     command = shlex.join(["python", *sys.argv])
@@ -390,7 +393,7 @@ def main() -> None:
     print(f"# {hw}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
           f"deepspeed {__import__('deepspeed').__version__}")
 
-    rows = []
+    rows, raw = [], []
     for model_name in args.model:
         model_cfg = load_model_config(model_name, args.vocab)
         if args.seq_len > model_cfg.max_seq_len:
@@ -402,6 +405,8 @@ def main() -> None:
             for stage in args.zero:
                 r = measure_pair(model_cfg, stage, precision, args, device)
                 rows += summarize(r, model_name, n_params, precision, stage, tokens_per_step, fpt, peak, device, args)
+                raw.append({"model": model_name, "precision": precision, "stage": stage, "times": r["times"],
+                             "loss": r["loss"], "optimizer": r["optimizer"]})
                 if r["profile"]:
                     print(f"\n## cProfile, zero{stage} {precision}, {args.profile} steps\n{r['profile']}", flush=True)
 
@@ -411,15 +416,22 @@ def main() -> None:
     for row in rows:
         print("  ".join(v.rjust(widths[k]) for k, v in row.items()))
     print(f"tokens/step {tokens_per_step:,} (micro batch {args.micro_batch} × seq {args.seq_len} × accum "
-          f"{args.grad_accum}); step ms: median of {args.steps} steps after {args.warmup} warmup; 90% CI: bootstrap "
-          f"interval of the overhead; goal '(noise)': the interval straddles the goal; "
+          f"{args.grad_accum}); step ms: median of {args.steps} steps after {args.warmup} warmup; paired: median of the "
+          f"per-step ratios zeroN/plain@zN - 1 [90% bootstrap interval]; goal: by overhead, '(noise)' where the "
+          f"paired interval straddles it; "
           f"plain@zN: the plain loop interleaved with zeroN, overhead = zeroN / plain@zN - 1"
           + "; update ms: the part after the last backward (clip, optimizer, copies; engine.step() for DeepSpeed)"
           + ("; cpu ms: process CPU time per step (all threads)" if device.type == "cpu" else ""))
     print(f"load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} now ({os.cpu_count()} CPUs)")
-    print(f"bf16: DeepSpeed casts params to bf16, fp32 master weights + AdamW state in its optimizer wrapper; "
-          f"plain: {'the same (bf16 params, fp32 masters)' if args.plain_bf16 == 'master' else 'fp32 params under torch.autocast(bf16)'}"
-          f"; MFU = tok/s × flops_per_token ({fpt:,}/token) / peak ({'none on CPU' if peak is None else f'{peak:.3g}'})")
+    if "bf16" in args.precision:
+        plain_bf16 = ("the same (bf16 params, fp32 masters)" if args.plain_bf16 == "master"
+                      else "fp32 params under torch.autocast(bf16): not DeepSpeed's scheme")
+        print(f"bf16: DeepSpeed casts params to bf16, fp32 master weights + AdamW state in its optimizer wrapper; "
+              f"plain: {plain_bf16}")
+    print(f"MFU = tok/s × flops_per_token ({fpt:,}/token) / peak ({'none on CPU' if peak is None else f'{peak:.3g}'})")
+    if args.json:
+        args.json.write_text(json.dumps({"command": command, "hardware": hw, "tokens_per_step": tokens_per_step,
+                                         "pairs": raw}, indent=1))
     if args.no_record or not RESULTS.exists():
         return
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

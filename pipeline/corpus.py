@@ -13,7 +13,11 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from contextlib import contextmanager
 from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from .config import DataConfig
 from .errors import PipelineError
@@ -133,43 +137,66 @@ class Corpus:
                 self.stats.replaced_chars += replaced
                 log.warning("%s: %d invalid UTF-8 sequences replaced by U+FFFD", path, replaced)
 
-    def _records(self, path: Path, builder: str, shown_as: Path | None = None) -> Iterator[object]:
+    def _records(self, path: Path, builder: str, shown_as: Path | None = None) -> Iterator[pa.Array]:
+        """The text column, one Arrow array per batch of records."""
         import datasets  # slow to import; only stages that read the corpus pay for it
 
         shown = shown_as or path
+        field_name = "text" if builder == "text" else self.data.text_field
         kwargs = {}
         if builder == "text":
             kwargs = dict(sample_by="paragraph" if self.data.split_on_blank_lines else "document",
                           keep_linebreaks=True, encoding_errors="pipeline_replace")
         try:
-            ds = datasets.load_dataset(builder, data_files=[str(path)], split="train", streaming=True, **kwargs)
-            for batch in ds.iter(batch_size=1024):
-                if builder != "text" and self.data.text_field not in batch:
-                    columns = ", ".join(batch) or "none"
-                    raise PipelineError(f"{shown}: no field {self.data.text_field!r} (columns: {columns}); "
-                                        f"set data.text_field=")
-                yield from batch["text" if builder == "text" else self.data.text_field]
+            with _no_torch_in_datasets(datasets):
+                ds = datasets.load_dataset(builder, data_files=[str(path)], split="train", streaming=True,
+                                           **kwargs).with_format("arrow")
+            for table in ds.iter(batch_size=1024):
+                if field_name not in table.column_names:
+                    columns = ", ".join(table.column_names) or "none"
+                    raise PipelineError(f"{shown}: no field {field_name!r} (columns: {columns}); set data.text_field=")
+                column = table.column(field_name)
+                if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+                        or pa.types.is_null(column.type)):
+                    raise PipelineError(f"{shown}: field {field_name!r} holds {column.type}, not text; "
+                                        f"point data.text_field at a string column")
+                yield column
         except PipelineError:
             raise
         except Exception as exc:  # pyarrow / datasets parse errors name the row but not always the file
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise PipelineError(f"{shown}: cannot read as {builder}: {message}") from exc
 
-    def _clean(self, records: Iterator[object], path: Path) -> Iterator[str]:
-        """Count, repair and filter records."""
-        for record in records:
-            if record is None or (isinstance(record, str) and not record.strip()):
-                self.stats.skipped_empty += 1
-                continue
-            if not isinstance(record, str):
-                raise PipelineError(f"{path}: field {self.data.text_field!r} holds {type(record).__name__}, "
-                                    f"not text; point data.text_field at a string column")
-            if "\x00" in record:
-                self.stats.replaced_chars += record.count("\x00")
-                record = record.replace("\x00", REPLACEMENT)
-            self.stats.documents += 1
-            self.stats.text_bytes += len(record.encode("utf-8", "surrogatepass"))
-            yield record
+    def _clean(self, columns: Iterator[pa.Array], path: Path) -> Iterator[str]:
+        """Count, repair and filter records: empty ones are skipped, NULs become U+FFFD."""
+        for column in columns:
+            text_bytes = pc.sum(pc.binary_length(column)).as_py() or 0  # in Arrow, without copies
+            for record in column.to_pylist():
+                if not record or record.isspace():
+                    self.stats.skipped_empty += 1
+                    text_bytes -= len(record.encode("utf-8", "surrogatepass")) if record else 0
+                    continue
+                if "\x00" in record:
+                    nuls = record.count("\x00")
+                    self.stats.replaced_chars += nuls
+                    text_bytes += 2 * nuls  # U+FFFD takes three bytes
+                    record = record.replace("\x00", REPLACEMENT)
+                self.stats.documents += 1
+                yield record
+            self.stats.text_bytes += text_bytes
+
+
+@contextmanager
+def _no_torch_in_datasets(datasets):
+    """Streaming datasets import torch (2 s, 200 MB) to share state with DataLoader workers, which
+    we never use: hide torch from them while the dataset is built."""
+    config = datasets.config
+    saved = getattr(config, "TORCH_AVAILABLE", None)
+    config.TORCH_AVAILABLE = False
+    try:
+        yield
+    finally:
+        config.TORCH_AVAILABLE = saved
 
 
 def _is_valid_utf8(path: Path) -> bool:

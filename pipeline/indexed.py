@@ -13,6 +13,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -108,15 +109,12 @@ class IndexedDatasetWriter:
         """Write the .idx, fsync, rename .bin then .idx into place (an .idx on disk implies a complete .bin)."""
         if self._closed:
             raise RuntimeError(f"writer for {self.prefix} is already finalized or aborted")
-        sizes = np.concatenate(self._sizes) if self._sizes else np.zeros(0, np.int32)
-        pointers = np.zeros(sizes.size, dtype="<i8")
-        np.cumsum(sizes[:-1], dtype=np.int64, out=pointers[1:])
-        pointers *= self.dtype.itemsize
-        doc_idx = np.arange(sizes.size + 1, dtype="<i8")
-        header = HEADER.pack(MAGIC, VERSION, _CODE_OF[self.dtype], sizes.size, doc_idx.size)
+        num = self._num_documents
+        header = HEADER.pack(MAGIC, VERSION, _CODE_OF[self.dtype], num, num + 1)
         idx_hash, idx_bytes = hashlib.sha256(), 0
         with open(self.idx_tmp, "wb") as f:
-            for part in (header, sizes.astype("<i4").tobytes(), pointers.tobytes(), doc_idx.tobytes()):
+            # written chunk by chunk: memory stays flat however many documents a shard holds
+            for part in self._idx_parts(header):
                 f.write(part)
                 idx_hash.update(part)
                 idx_bytes += len(part)
@@ -131,6 +129,21 @@ class IndexedDatasetWriter:
         self._closed = True
         return ShardInfo(self.prefix.name, self._num_documents, self._num_tokens,
                          self._bin_hash.hexdigest(), idx_hash.hexdigest(), self._bin_bytes, idx_bytes)
+
+    def _idx_parts(self, header: bytes) -> Iterator[bytes]:
+        """The .idx in pieces: header, sizes, pointers (running byte offsets), doc_idx."""
+        yield header
+        for sizes in self._sizes:
+            yield sizes.astype("<i4").tobytes()
+        offset = 0
+        for sizes in self._sizes:
+            if len(sizes):
+                ends = offset + np.cumsum(sizes, dtype=np.int64) * self.dtype.itemsize
+                yield np.concatenate(([offset], ends[:-1])).astype("<i8").tobytes()
+                offset = int(ends[-1])
+        step = 1 << 20
+        for start in range(0, self._num_documents + 1, step):
+            yield np.arange(start, min(start + step, self._num_documents + 1), dtype="<i8").tobytes()
 
     def abort(self) -> None:
         """Drop everything written so far (removes the temp files)."""

@@ -10,7 +10,6 @@ to `shards/` only when complete. Jobs that each write one part (`shard.num_worke
 """
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -91,11 +90,12 @@ class SplitWriter:
 
 
 def encoded(sp, batches: Iterator[DocumentBatch], threads: int) -> Iterator[tuple[DocumentBatch, list]]:
-    """Encode batch k on SentencePiece's threads while the caller reads k+1 and writes k-1."""
+    """Encode batch k on SentencePiece's threads while the caller reads k+1 and writes k-1.
+    numpy output: no Python int per token (those are built one by one, holding the GIL)."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as pool:
         pending: deque = deque()
         for batch in batches:
-            pending.append((batch, pool.submit(sp.encode, batch.texts, num_threads=threads)))
+            pending.append((batch, pool.submit(sp.encode, batch.texts, num_threads=threads, out_type="numpy")))
             if len(pending) > 1:
                 done, future = pending.popleft()
                 yield done, future.result()
@@ -104,12 +104,12 @@ def encoded(sp, batches: Iterator[DocumentBatch], threads: int) -> Iterator[tupl
             yield done, future.result()
 
 
-def flatten_with_eos(ids: list[list[int]], eos: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+def flatten_with_eos(ids: list[np.ndarray], eos: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """One flat token array with EOS after every document, and each document's length (EOS included)."""
-    raw_lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(raw_lengths.sum()))
-    flat = np.insert(flat, np.cumsum(raw_lengths), eos)
-    return flat.astype(dtype, copy=False), raw_lengths + 1
+    eos_array = np.array([eos], dtype=dtype)
+    flat = np.concatenate([piece for doc in ids for piece in (doc.astype(dtype, copy=False), eos_array)])
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 1
+    return flat, lengths
 
 
 def write_shards(corpus: Corpus, cfg: PipelineConfig, tokenizer_path: Path, out_dir: Path,
