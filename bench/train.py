@@ -3,18 +3,23 @@
 For every --model preset, --precision and --zero stage, a fresh plain-PyTorch trainer and a fresh
 DeepSpeed engine are built from the same initial weights (same seed) and stepped on the same random
 token batches, interleaved step by step (plain, zero, zero, plain, plain, zero, ...: the order flips
-every step so neither side always runs first), one rank. After --warmup steps each, --steps steps of
-each are timed with time.perf_counter() (after torch.cuda.synchronize() on a GPU). Reported per
-variant: median step time, tokens/s, MFU (PaLM FLOPs per token, `pipeline.model.flops_per_token`,
-over `pipeline.metrics.peak_flops`; null on CPU) and the overhead of the engine over the plain loop
-it was paired with (ratio of median step times). The final losses of both sides are printed as a
-check that they trained the same model the same way.
+every step so neither side always runs first), one rank; then both are freed and the next stage's
+pair is built. After --warmup steps each, --steps steps of each are timed with time.perf_counter()
+(after torch.cuda.synchronize() on a GPU). Reported per variant: median step time, its update part
+(after the last backward), tokens/s, MFU (PaLM FLOPs per token, `pipeline.model.flops_per_token`, over
+`pipeline.metrics.peak_flops`; null on CPU), the overhead of the engine over the plain loop it was
+paired with (ratio of median step times) and the median of the per-step ratios with a bootstrap
+interval (adjacent steps saw about the same machine load: on a shared machine this is the figure to
+trust), process CPU time per step on CPU, and the final loss of both sides as a check that they
+trained the same model the same way.
 
 What each side does, so the comparison is like for like:
   DeepSpeed  deepspeed.initialize(model, build_optimizer(...), deepspeed_config(...)) on a world of one
              (gloo on CPU, nccl on GPU), engine(x, y) / engine.backward(loss) / engine.step().
   plain      the same Transformer, torch AdamW over `pipeline.train.param_groups` (fused=True on CUDA;
-             DeepSpeed gets FusedAdam there from build_optimizer), clip_grad_norm_ to train.grad_clip.
+             DeepSpeed gets FusedAdam there from build_optimizer), clip_grad_norm_ to train.grad_clip,
+             torch's own F.linear (a ZeRO 3 engine swaps in its zero3_linear_wrap process-wide; here
+             only the ZeRO 3 engine steps with it).
   bf16       DeepSpeed's bf16 mode casts the parameters (not the buffers) to bf16, so forward and
              backward run in bf16 with bf16 gradients, and keeps fp32 master weights and AdamW state
              in its optimizer wrapper (ZeRO 0: FP16_UnfusedOptimizer/FP16_Optimizer in bf16 mode,
@@ -24,8 +29,10 @@ What each side does, so the comparison is like for like:
              --plain-bf16 autocast instead keeps fp32 weights and runs the forward under torch.autocast
              (a different numerical scheme, and on CPU a slower one: shown for reference only).
 
-Prints a table and, when bench/RESULTS.md exists, appends one dated row per variant to it.
---profile N runs cProfile over N extra steps of each DeepSpeed engine and prints where they spend time.
+Prints a table and, when bench/RESULTS.md exists, appends one dated row per variant to it (with the
+load average: other work on the machine is the noise). --json PATH keeps every step's times.
+--profile N runs cProfile over N more steps of each pair: own time by source (DeepSpeed's Python, the
+model's, torch ops) for both sides, and the engine's top functions.
 """
 import os
 import sys
@@ -36,10 +43,10 @@ if sys.path and os.path.abspath(sys.path[0] or os.curdir) == HERE:
     sys.path[0] = ROOT  # `python bench/train.py` runs from bench/: import the checkout's pipeline/
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import cProfile  # noqa: E402
 import gc  # noqa: E402
 import io  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import platform  # noqa: E402
 import pstats  # noqa: E402

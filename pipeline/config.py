@@ -93,6 +93,35 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneDataConfig:
+    paths: list[str] = field(default_factory=list)  # jsonl/parquet; empty: the built-in instruction set
+    val_fraction: float = 0.05  # held out from data.paths (the built-in set has its own eval split)
+    seed: int = 1234
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """Supervised fine-tuning on the same engine; every TrainConfig key applies, under finetune."""
+    init: str = "pretrain"  # this run's pretrained weights, or a path to an HF export folder
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    pack: bool = True  # several examples per sequence (attention still crosses them; loss is masked)
+    eval_exact_match: int = 200  # held-out questions answered greedily before and after; 0: skip
+    max_new_tokens: int = 16
+    max_steps: int = 200
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    eval_interval: int = 100
+    save_interval: int = 200
+
+
+@dataclass
+class ExportConfig:
+    source: str = "all"  # pretrain | finetune | all (each one whose checkpoints exist)
+    dtype: str = "bfloat16"  # float32 | bfloat16 | float16, the safetensors dtype
+    max_shard_size_gb: float = 5.0  # model.safetensors above this is split, with an index
+
+
+@dataclass
 class DeepSpeedConfig:
     name: str = "zero2"
     stage: int = 2
@@ -147,6 +176,8 @@ class PipelineConfig:
     shard: ShardConfig = field(default_factory=ShardConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -12,7 +12,7 @@ from .config import PipelineConfig
 from .errors import PipelineError
 from .metrics import MetricsLogger
 from .tokenizer import load_tokenizer
-from .train import Trainer, build_optimizer, deepspeed_config, grad_accumulation, init_distributed
+from .train import Trainer, build_optimizer, deepspeed_config, grad_accumulation, init_distributed, initialize_engine
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +22,6 @@ def checkpoint_root(run_dir: Path) -> Path:
 
 
 def main(cfg: PipelineConfig, run_dir: Path, resolved_config: dict) -> None:
-    import deepspeed
-
     from .data import EvalBatches, PretrainLoader, open_split
     from .model import Transformer, compile_blocks, flops_per_token
 
@@ -51,9 +49,9 @@ def main(cfg: PipelineConfig, run_dir: Path, resolved_config: dict) -> None:
     if model_cfg.compile:
         compile_blocks(model)
     optimizer = build_optimizer(model, train, cfg.deepspeed, device)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                      config=deepspeed_config(train, cfg.deepspeed, cfg.precision,
-                                                              train.micro_batch_size, grad_accum))
+    engine = initialize_engine(model, optimizer, deepspeed_config(train, cfg.deepspeed, cfg.precision,
+                                                                  train.micro_batch_size, grad_accum),
+                               cfg.deepspeed.stage)
 
     # built now so that a validation split too small for one batch fails before training, not after
     eval_set = [] if val is None else EvalBatches(val, train.seq_len, train.micro_batch_size, train.eval_batches,
@@ -63,7 +61,8 @@ def main(cfg: PipelineConfig, run_dir: Path, resolved_config: dict) -> None:
     trainer = Trainer(stage="pretrain", engine=engine, loader=loader, eval_batches=eval_set, train=train,
                       run_dir=run_dir, checkpoint_root=checkpoint_root(run_dir), metrics=metrics,
                       flops_per_token=flops_per_token(model_cfg, train.seq_len),
-                      tokens_per_step=train.global_batch_size * train.seq_len, device=device)
+                      tokens_per_step=train.global_batch_size * train.seq_len, device=device,
+                      model_config=asdict(model_cfg))
     if rank == 0:
         log.info("pretrain: model=%s, %.2fM parameters, %d ranks × micro batch %d × %d accumulation, "
                  "ZeRO %d, %s", model_cfg.name, sum(p.numel() for p in model.parameters()) / 1e6, world,

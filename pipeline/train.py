@@ -20,7 +20,7 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
-from .checkpoint import find_resumable, load_checkpoint, save_checkpoint
+from .checkpoint import find_resumable, load_checkpoint, save_checkpoint, verify
 from .config import DeepSpeedConfig, LaunchConfig, PrecisionConfig, TrainConfig
 from .errors import PipelineError
 from .metrics import MetricsLogger, peak_flops
@@ -118,6 +118,8 @@ def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, precision: Precisi
     }
     if precision.name == "bf16":
         config["bf16"] = {"enabled": True}
+        if ds.stage > 0:  # bf16 sums of accumulated gradients lose precision (DeepSpeed's ZeRO 0 can't)
+            config["data_types"] = {"grad_accum_dtype": "fp32"}
     elif precision.name == "fp16":
         from deepspeed.accelerator import get_accelerator
 
@@ -140,6 +142,20 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return merged
 
 
+def initialize_engine(model: torch.nn.Module, optimizer, config: dict, zero_stage: int):
+    """deepspeed.initialize, minus a side effect: without ZeRO, its bf16/fp16 optimizer wrapper takes
+    one AdamW step with zero gradients at construction, which shifts Adam's step count and applies
+    weight decay once. Undo it so training matches a plain loop from the first step."""
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    wrapper = engine.optimizer
+    if zero_stage == 0 and hasattr(wrapper, "refresh_fp32_params"):
+        wrapper.optimizer.state.clear()
+        wrapper.refresh_fp32_params()
+    return engine
+
+
 def grad_accumulation(train: TrainConfig, world_size: int) -> int:
     per_step = train.micro_batch_size * world_size
     if train.global_batch_size % per_step:
@@ -154,6 +170,7 @@ class TrainerState:
     step: int = 0  # optimizer updates done
     tokens_seen: int = 0
     loader: dict | None = None
+    model: dict | None = None  # the ModelConfig that built the weights (export rebuilds it from here)
 
 
 class Trainer:
@@ -161,12 +178,13 @@ class Trainer:
 
     def __init__(self, *, stage: str, engine, loader, eval_batches: Iterable, train: TrainConfig,
                  run_dir: Path, checkpoint_root: Path, metrics: MetricsLogger, flops_per_token: int,
-                 tokens_per_step: int, device: torch.device):
+                 tokens_per_step: int, device: torch.device, model_config: dict):
         self.stage, self.engine, self.loader, self.eval_batches = stage, engine, loader, eval_batches
         self.train, self.run_dir, self.checkpoint_root = train, run_dir, checkpoint_root
         self.metrics, self.flops_per_token, self.tokens_per_step = metrics, flops_per_token, tokens_per_step
         self.device = device
-        self.state = TrainerState()
+        self.model_config = model_config
+        self.state = TrainerState(model=model_config)
         self.peak = peak_flops(device)
 
     # -- resume -----------------------------------------------------------------------------------
@@ -174,6 +192,7 @@ class Trainer:
         """train.resume: auto (newest complete checkpoint of this run), none, or a folder."""
         choice = self.train.resume
         if choice == "none":
+            self._set_aside_old_checkpoints()
             return
         if choice == "auto":
             found = find_resumable(self.checkpoint_root)
@@ -184,13 +203,34 @@ class Trainer:
             folder = Path(choice).expanduser().resolve()
             if not folder.is_dir():
                 raise PipelineError(f"train.resume={choice!r} is not a checkpoint folder")
+        record, _ = verify(folder)
+        saved_model = (record or {}).get("trainer_state", {}).get("model")
+        # switches that change how the model runs, not its weights, may differ across a resume
+        runtime_only = {"name", "compile", "activation_checkpointing", "dropout"}
+        changed = sorted(k for k in saved_model or {} if k not in runtime_only
+                         and saved_model[k] != self.model_config.get(k))
+        if changed:
+            raise PipelineError(f"checkpoint {folder} was written for another model (differs in {changed}); "
+                                f"use a new run_dir or train.resume=none")
         # Test hook: prove that the RNG and loader restores matter (the resume tests turn them off).
         skip = os.environ.get("PIPELINE_TEST_SKIP_RESTORE", "")
         trainer_state = load_checkpoint(self.engine, folder, restore_rng=skip != "rng")
-        self.state = TrainerState(**trainer_state)
+        self.state = TrainerState(**{**trainer_state, "model": self.model_config})
         if skip != "loader":
             self.loader.load_state_dict(self.state.loader)
         log.info("%s: resumed from %s at step %d", self.stage, folder, self.state.step)
+
+    def _set_aside_old_checkpoints(self) -> None:
+        """A fresh start must not share a folder with an older run's checkpoints (resume=auto would
+        later pick whichever has the higher step): they move to checkpoints.old-N, nothing is lost."""
+        root = self.checkpoint_root
+        if dist.get_rank() == 0 and root.is_dir() and any(root.iterdir()):
+            number = 1
+            while root.with_name(f"{root.name}.old-{number}").exists():
+                number += 1
+            root.rename(root.with_name(f"{root.name}.old-{number}"))
+            log.info("%s: train.resume=none: earlier checkpoints moved to %s.old-%d", self.stage, root, number)
+        dist.barrier()
 
     # -- loop -------------------------------------------------------------------------------------
     def fit(self) -> TrainerState:

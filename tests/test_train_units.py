@@ -32,6 +32,7 @@ def test_deepspeed_json_follows_the_groups():
                              PrecisionConfig(name="bf16"), micro_batch=4, grad_accum=2)
     assert zero3["train_micro_batch_size_per_gpu"] == 4 and zero3["gradient_accumulation_steps"] == 2
     assert zero3["gradient_clipping"] == 0.5 and zero3["bf16"] == {"enabled": True}
+    assert zero3["data_types"] == {"grad_accum_dtype": "fp32"}
     zero = zero3["zero_optimization"]
     assert zero["stage"] == 3 and zero["offload_param"]["device"] == "cpu" and zero["stage3_max_live_parameters"] == 7
     fp32 = deepspeed_config(train, DeepSpeedConfig(stage=1), PrecisionConfig(name="fp32"), 1, 1)

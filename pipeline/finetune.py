@@ -1,0 +1,365 @@
+"""`finetune` stage: supervised fine-tuning on the pretrain engine (DeepSpeed ZeRO, precision, Trainer).
+
+Weights come from `finetune.init`: `pretrain` (this run's newest complete pretrain checkpoint, consolidated
+to fp32 with DeepSpeed's zero_to_fp32, so any ZeRO stage loads into any other) or an HF LlamaForCausalLM
+folder (config.json + safetensors, never pickle). Only weights: the optimizer starts fresh. An interrupted
+fine-tune resumes from its own checkpoints (`finetune.resume=auto`), which takes precedence over init.
+
+Before and after training, held-out questions are answered greedily and compared exactly with their
+reference answers; both accuracies go to metrics.jsonl and the log.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .config import ModelConfig, PipelineConfig
+from .errors import PipelineError
+from .metrics import MetricsLogger
+from .tokenizer import load_tokenizer
+from .train import Trainer, build_optimizer, deepspeed_config, grad_accumulation, init_distributed
+
+log = logging.getLogger(__name__)
+
+GENERATION_BATCH = 32  # questions answered per forward pass (grouped by prompt length: no padding)
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return run_dir / "finetune" / "checkpoints"
+
+
+def default_instructions_dir(run_dir: Path) -> Path:
+    return run_dir / "data" / "default"
+
+
+# -- where the weights come from ----------------------------------------------------------------
+
+@dataclass
+class InitSource:
+    kind: str  # "pretrain" | "hf"
+    path: Path  # the pretrain checkpoint folder, or the HF folder
+    model: ModelConfig  # vocab_size None: taken from the tokenizer
+    tokenizer: Path
+
+
+def resolve_init(cfg: PipelineConfig, run_dir: Path, need_weights: bool = True) -> InitSource:
+    """What finetune.init names, checked before any work. With need_weights=False (resuming) a missing
+    pretrain checkpoint is no error: only the architecture is needed then."""
+    from .checkpoint import find_resumable
+    from .pretrain import checkpoint_root as pretrain_root
+
+    init = cfg.finetune.init
+    run_tokenizer = run_dir / "tokenizer" / "tokenizer.model"
+    if init == "pretrain":
+        found = find_resumable(pretrain_root(run_dir))
+        if found is None and need_weights:
+            raise PipelineError(f"finetune.init=pretrain: no complete pretrain checkpoint under "
+                                f"{pretrain_root(run_dir)}: run stages=[pretrain] first, or set "
+                                f"finetune.init=/path/to/hf/folder")
+        return InitSource("pretrain", found[0] if found else pretrain_root(run_dir), cfg.model, run_tokenizer)
+    folder = Path(init).expanduser().resolve()
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise PipelineError(f"finetune.init={init!r}: {config_path} does not exist; give `pretrain` or an HF "
+                            f"LlamaForCausalLM export folder")
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"finetune.init={init!r}: {config_path} is unreadable ({exc})") from None
+    from .hf_llama import model_config_from_hf
+
+    try:
+        model = model_config_from_hf(hf_config)
+    except ValueError as exc:
+        raise PipelineError(f"finetune.init={init!r} is not a LlamaForCausalLM export this pipeline can load: "
+                            f"{exc}") from None
+    model = replace(model, dropout=cfg.model.dropout, activation_checkpointing=cfg.model.activation_checkpointing,
+                    compile=cfg.model.compile)
+    if need_weights:
+        _safetensors_files(folder)  # fail now, not after the data is built
+    tokenizer = folder / "tokenizer.model"  # the export ships its SentencePiece model; else this run's
+    return InitSource("hf", folder, model, tokenizer if tokenizer.is_file() else run_tokenizer)
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            raise PipelineError(f"{index} is unreadable ({exc!r})") from None
+        files = [folder / name for name in names]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise PipelineError(f"{index} lists missing shard(s) {missing}")
+        return files
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise PipelineError(f"{folder} has no model.safetensors (or model.safetensors.index.json); only safetensors "
+                        f"weights are loaded, never pickled .bin files")
+
+
+def init_state_dict(source: InitSource, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The init weights as our state dict, on the CPU."""
+    if source.kind == "hf":
+        from safetensors.torch import load_file
+
+        from .hf_llama import from_hf_state_dict
+
+        hf_state: dict[str, torch.Tensor] = {}
+        for path in _safetensors_files(source.path):
+            hf_state.update(load_file(str(path)))
+        try:
+            return from_hf_state_dict(hf_state, model_cfg)
+        except ValueError as exc:
+            raise PipelineError(f"{source.path}: {exc}") from None
+    return pretrain_state_dict(source.path)
+
+
+def pretrain_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of one of our DeepSpeed checkpoints, whatever its ZeRO stage and rank count.
+
+    ZeRO 1-3 checkpoints keep the fp32 master weights in their optimizer shards: zero_to_fp32 merges them
+    (reading the mmapped shards, not the Adam moments). Without ZeRO (stage 0) the model-states file holds
+    the module; with bf16 that is the bf16 copy, so the weights are then bf16-rounded."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints progress on every rank
+            return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        reason = exc
+    states = folder / "mp_rank_00_model_states.pt"
+    if not states.is_file():
+        raise PipelineError(f"cannot read the weights of {folder} ({reason})")
+    # DeepSpeed's own pickled file, written by this run (as checkpoint.py notes: trusted by design)
+    module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    if any(t.dtype != torch.float32 for t in module.values() if t.is_floating_point()):
+        log.warning("finetune: %s has no ZeRO fp32 master weights; starting from its %s module weights", folder,
+                    next(iter(module.values())).dtype)
+    return {name: t.float() if t.is_floating_point() else t for name, t in module.items()}
+
+
+def load_init_weights(model: torch.nn.Module, source: InitSource) -> None:
+    state = init_state_dict(source, model.cfg)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:600]
+        hint = "model= must be the pretrain stage's" if source.kind == "pretrain" else "the folder's config.json " \
+                                                                                        "disagrees with its weights"
+        raise PipelineError(f"the weights of {source.path} do not fit the model ({hint}): {detail}") from None
+
+
+# -- exact match --------------------------------------------------------------------------------
+
+@torch.no_grad()
+def exact_match(module: torch.nn.Module, questions: list, sp, max_new_tokens: int, device: torch.device,
+                batch_size: int = GENERATION_BATCH) -> tuple[int, int]:
+    """(correct, total) over all ranks. Each rank answers a disjoint slice greedily; every rank makes the
+    same number of forward calls (ZeRO 3 gathers parameters collectively): prompts of equal length are
+    batched, ranks with fewer batches run dummy ones, and every generation runs all max_new_tokens steps.
+    The answer is the text before <|im_end|> (or </s>), stripped; it must equal the reference stripped."""
+    from .chat import IM_END
+    from .model import generate
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    limit = module.cfg.max_seq_len - max_new_tokens
+    if limit < 1:
+        raise PipelineError(f"finetune.max_new_tokens={max_new_tokens} leaves no room for a prompt within "
+                            f"max_seq_len={module.cfg.max_seq_len}")
+    mine = questions[rank::world]
+    by_length: dict[int, list] = {}
+    for q in mine:
+        ids = q.prompt_ids[-limit:]  # a prompt too long for the context keeps its end
+        by_length.setdefault(len(ids), []).append((ids, q.reference))
+    batches = [group[i:i + batch_size] for _, group in sorted(by_length.items())
+               for i in range(0, len(group), batch_size)]
+    count = torch.tensor([len(batches)], device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    stops = {sp.piece_to_id(IM_END), sp.eos_id()}
+    was_training = module.training
+    module.eval()
+    correct = 0
+    try:
+        for b in range(int(count.item())):
+            if b >= len(batches):  # keeps this rank's forward calls in step with the others
+                generate(module, torch.full((1, 1), sp.bos_id() if sp.bos_id() >= 0 else 0, device=device),
+                         max_new_tokens)
+                continue
+            prompts = torch.tensor([ids for ids, _ in batches[b]], device=device)
+            out = generate(module, prompts, max_new_tokens)[:, prompts.shape[1]:].tolist()
+            for new_ids, (_, reference) in zip(out, batches[b]):
+                cut = next((i for i, t in enumerate(new_ids) if t in stops), len(new_ids))
+                correct += sp.decode(new_ids[:cut]).strip() == reference.strip()
+    finally:
+        module.train(was_training)
+    totals = torch.tensor([correct, len(mine)], device=device, dtype=torch.int64)
+    dist.all_reduce(totals)
+    return int(totals[0]), int(totals[1])
+
+
+def log_exact_match(metrics: MetricsLogger, module, data, sp, cfg, device, step: int, when: str) -> float | None:
+    if not data.questions:
+        return None
+    started = time.perf_counter()
+    correct, total = exact_match(module, data.questions, sp, cfg.finetune.max_new_tokens, device)
+    accuracy = correct / total
+    metrics.log({"step": step, "exact_match": accuracy, "exact_match_correct": correct, "exact_match_total": total,
+                 "exact_match_when": when, "exact_match_s": round(time.perf_counter() - started, 2)})
+    return accuracy
+
+
+# -- the stage ----------------------------------------------------------------------------------
+
+def will_resume(cfg: PipelineConfig, run_dir: Path) -> bool:
+    from .checkpoint import find_resumable
+
+    choice = cfg.finetune.resume
+    if choice == "none":
+        return False
+    return choice != "auto" or find_resumable(checkpoint_root(run_dir)) is not None
+
+
+def main(cfg: PipelineConfig, run_dir: Path, resolved_config: dict) -> None:
+    import deepspeed
+
+    from . import sft_data
+    from .model import Transformer, compile_blocks, flops_per_token
+
+    ft = cfg.finetune
+    device = init_distributed(cfg.launch)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    grad_accum = grad_accumulation(ft, world)
+    resuming = will_resume(cfg, run_dir)
+    source = resolve_init(cfg, run_dir, need_weights=not resuming)
+    sp = load_tokenizer(source.tokenizer)
+    model_cfg = replace(source.model, vocab_size=source.model.vocab_size or sp.get_piece_size())
+    if model_cfg.vocab_size < sp.get_piece_size():
+        raise PipelineError(f"the model's vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+                            f"{sp.get_piece_size()} ({source.tokenizer})")
+    if ft.seq_len > model_cfg.max_seq_len:
+        raise PipelineError(f"finetune.seq_len={ft.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}; "
+                            f"lower finetune.seq_len")
+    if not ft.data.paths:  # the built-in instruction set: written with the default corpus (rank 0 only)
+        if rank == 0:
+            from .default_corpus import write_default_corpus
+
+            write_default_corpus(default_instructions_dir(run_dir), seed=cfg.data.seed,
+                                 num_documents=cfg.data.default_num_documents)
+        dist.barrier()
+    data = sft_data.build(ft.data, default_instructions_dir(run_dir), sp, ft.seq_len, ft.pack, ft.eval_exact_match)
+    pin = device.type == "cuda"
+    loader = sft_data.SFTLoader(data.train, ft.micro_batch_size, ft.global_batch_size, dp_rank=rank, dp_world=world,
+                                seed=ft.seed, pin_memory=pin)
+    if not ft.pack:
+        data.train.stats.padding_fraction = loader.epoch_padding_fraction()
+    eval_set = sft_data.SFTEvalBatches(data.held_out, ft.micro_batch_size, ft.eval_batches, rank, world, pin)
+
+    torch.manual_seed(ft.seed)
+    model = Transformer(model_cfg)
+    if not resuming:
+        load_init_weights(model, source)
+    if model_cfg.compile:
+        compile_blocks(model)
+    optimizer = build_optimizer(model, ft, cfg.deepspeed, device)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                      config=deepspeed_config(ft, cfg.deepspeed, cfg.precision, ft.micro_batch_size,
+                                                              grad_accum))
+    metrics = MetricsLogger(run_dir, "finetune", rank == 0, cfg.logging.wandb, resolved_config)
+    trainer = Trainer(stage="finetune", engine=engine, loader=loader, eval_batches=eval_set, train=ft,
+                      run_dir=run_dir, checkpoint_root=checkpoint_root(run_dir), metrics=metrics,
+                      flops_per_token=flops_per_token(model_cfg, ft.seq_len),
+                      tokens_per_step=ft.global_batch_size * ft.seq_len, device=device)
+    if rank == 0:
+        held = data.held_out.stats.describe() if data.held_out else "none"
+        log.info("finetune: %s from %s; train: %s; held-out: %s; %d exact-match questions", data.description,
+                 "its last checkpoint (resume)" if resuming else f"{source.kind} weights {source.path}",
+                 data.train.stats.describe(), held, len(data.questions))
+        log.info("finetune: model %.2fM parameters, %d ranks × micro batch %d × %d accumulation, ZeRO %d, %s, "
+                 "%s sequences of %d tokens", sum(p.numel() for p in model.parameters()) / 1e6, world,
+                 ft.micro_batch_size, grad_accum, cfg.deepspeed.stage, cfg.precision.name,
+                 "packed" if ft.pack else "unpacked", ft.seq_len)
+    trainer.resume()
+    before = None
+    if trainer.state.step == 0:
+        before = log_exact_match(metrics, engine.module, data, sp, cfg, device, 0, "before")
+    if trainer.state.step >= ft.max_steps:
+        log.info("finetune: already at step %d of finetune.max_steps=%d", trainer.state.step, ft.max_steps)
+    else:
+        trainer.fit()
+    after = log_exact_match(metrics, engine.module, data, sp, cfg, device, trainer.state.step, "after")
+    if rank == 0 and after is not None:
+        shown = "not measured (resumed run)" if before is None else f"{before:.3f}"
+        log.info("finetune: exact match on %d held-out questions: before %s, after %.3f", len(data.questions),
+                 shown, after)
+    metrics.finish()
+
+
+def stage_inputs(cfg: PipelineConfig, run_dir: Path) -> dict:
+    """Everything the finetune stage's outputs depend on, for the runner's skip record."""
+    from dataclasses import asdict
+
+    from .checkpoint import find_resumable
+    from .corpus import files_fingerprint, resolve_paths
+    from .fsutil import sha256_file
+    from .pretrain import checkpoint_root as pretrain_root
+
+    ft = cfg.finetune
+    if ft.init == "pretrain":
+        found = find_resumable(pretrain_root(run_dir))
+        init = {"pretrain": sha256_file(found[0] / "complete.json") if found else "missing"}
+    else:
+        folder = Path(ft.init).expanduser()
+        init = {"hf": files_fingerprint(sorted(p for p in folder.glob("*") if p.is_file())) if folder.is_dir()
+                else "missing"}
+    if ft.data.paths:
+        try:
+            data = files_fingerprint(resolve_paths(list(ft.data.paths)))
+        except PipelineError:
+            data = "missing"  # the stage itself reports it
+    else:
+        data = {"default": {"seed": cfg.data.seed, "documents": cfg.data.default_num_documents}}
+    tokenizer = run_dir / "tokenizer" / "tokenizer.model"
+    return {"model": asdict(cfg.model), "finetune": asdict(ft), "deepspeed": asdict(cfg.deepspeed),
+            "precision": asdict(cfg.precision), "init": init, "data": data,
+            "tokenizer": sha256_file(tokenizer) if tokenizer.is_file() else "missing"}
+
+
+def run_standalone(argv: list[str]) -> None:
+    """`python -m pipeline.finetune OVERRIDES...` under a launcher (torchrun): this stage alone, with the
+    same config composition and one-line errors as `python -m pipeline`, until the runner starts it."""
+    import os
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from .__main__ import config_dir, errors_reported
+    from .config import validate
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    debug = any(a.lstrip("+").lower() in ("debug=true", "debug=1") for a in argv)
+    with errors_reported(debug):
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            composed = compose(config_name="config", overrides=argv)
+        config: PipelineConfig = OmegaConf.to_object(composed)
+        validate(config)
+        run_dir = Path(config.run_dir).expanduser().resolve()
+        main(config, run_dir, OmegaConf.to_container(composed, resolve=True))
+
+
+if __name__ == "__main__":
+    import sys
+
+    run_standalone(sys.argv[1:])

@@ -1,0 +1,486 @@
+"""Fine-tuning data: instruction records → ChatML token sequences with loss on the assistant turns only.
+
+Records are read through HF `datasets` from jsonl/json/parquet files, each in one of three shapes
+(detected per record): {"prompt", "response"}, Alpaca {"instruction", "input", "output"} or chat
+{"messages": [{"role", "content"}, ...]}. Each becomes a list of messages, rendered with the one chat
+template (`pipeline.chat`) and encoded as a WHOLE text by SentencePiece, so the ids equal what HF
+`apply_chat_template` + the exported tokenizer give. The tokens inside the template's target spans
+(each assistant content and its closing <|im_end|>) are the targets, located through SentencePiece's
+piece byte offsets; labels are shifted (labels[t] = ids[t + 1]) and -100 wherever the next token is
+not a target, so prompts and padding carry no loss.
+
+Sequences: with packing, examples are placed first-fit (longest first, deterministic) into windows
+of seq_len + 1 tokens; without, one example per sequence and each micro batch padded to its longest
+member (the global batch is sorted by length before it is dealt out, so neighbours are alike).
+Order and data-parallel split reuse `pipeline.data.PretrainLoader`: seeded permutation per epoch,
+global positions, contiguous slices per rank, exact resume from `samples_consumed`.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .chat import ROLES, render
+from .config import FinetuneDataConfig
+from .data import Batch, PretrainLoader, _alloc, _check_pin
+from .errors import PipelineError
+from .model import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+ACCEPTED_SHAPES = ('{"prompt": ..., "response": ...}, Alpaca {"instruction": ..., "input": ... (optional), '
+                   '"output": ...}, or chat {"messages": [{"role": "system|user|assistant", "content": ...}, ...]}')
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+DEFAULT_TRAIN, DEFAULT_EVAL = "instructions_train.jsonl", "instructions_eval.jsonl"
+
+
+# -- records -------------------------------------------------------------------------------------
+
+@dataclass
+class Conversation:
+    messages: list[dict]  # [{"role", "content"}], at least one assistant turn
+    source: str  # "file, record i": where errors and logs point
+
+    def question(self) -> tuple[list[dict], str]:
+        """(the messages before the last assistant turn, that turn's content): an exact-match item."""
+        last = max(i for i, m in enumerate(self.messages) if m["role"] == "assistant")
+        return self.messages[:last], self.messages[last]["content"]
+
+
+def _text(value, what: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise PipelineError(f"{where}: {what} is {type(value).__name__}, not text")
+    # lone surrogates (possible in JSON) cannot be encoded: the same U+FFFD the corpus reader uses
+    return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace") if not value.isascii() else value
+
+
+def to_messages(record: dict, where: str) -> list[dict]:
+    """One record (any accepted shape; absent fields may be None) as chat messages."""
+    present = {k for k, v in record.items() if v is not None}
+    system = [{"role": "system", "content": _text(record["system"], "system", where)}] if "system" in present else []
+    if "messages" in present:
+        messages = record["messages"]
+        if not isinstance(messages, list):
+            raise PipelineError(f"{where}: messages is {type(messages).__name__}, not a list of turns")
+        out = []
+        for turn in messages:
+            if not isinstance(turn, dict) or turn.get("role") not in ROLES or turn.get("content") is None:
+                raise PipelineError(f"{where}: every turn of messages needs a role in {list(ROLES)} and a content; "
+                                    f"got {turn!r:.120}")
+            out.append({"role": turn["role"], "content": _text(turn["content"], "a turn's content", where)})
+        messages = system + out
+    elif present & {"instruction", "output"}:
+        user = _text(record["instruction"], "instruction", where) if "instruction" in present else ""
+        if record.get("input"):
+            user = f"{user}\n\n{_text(record['input'], 'input', where)}" if user else _text(record["input"], "input",
+                                                                                                where)
+        messages = system + [{"role": "user", "content": user}]
+        if "output" in present:
+            messages.append({"role": "assistant", "content": _text(record["output"], "output", where)})
+    elif present & {"prompt", "response"}:
+        messages = system + [{"role": "user", "content": _text(record.get("prompt") or "", "prompt", where)}]
+        if "response" in present:
+            messages.append({"role": "assistant", "content": _text(record["response"], "response", where)})
+    else:
+        raise PipelineError(f"{where} has an unknown shape (fields: {sorted(present) or 'none'}); accepted shapes: "
+                            f"{ACCEPTED_SHAPES}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise PipelineError(f"{where} has no assistant turn: every record needs a response/output or an "
+                            f"assistant message to learn from")
+    return messages
+
+
+def read_records(path: Path) -> Iterator[dict]:
+    """The rows of one jsonl/json/parquet file, through HF datasets (streamed: nothing is cached)."""
+    import datasets
+
+    from .corpus import _no_torch_in_datasets
+
+    builder = BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise PipelineError(f"finetune.data.paths: {str(path)!r} is not {'/'.join(BUILDERS)}; fine-tuning needs "
+                            f"records ({ACCEPTED_SHAPES})")
+    try:
+        with _no_torch_in_datasets(datasets):
+            ds = datasets.load_dataset(builder, data_files=[str(path)], split="train", streaming=True)
+        yield from ds
+    except PipelineError:
+        raise
+    except Exception as exc:  # parse errors from pyarrow / datasets
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PipelineError(f"{path}: cannot read as {builder}: {message}") from exc
+
+
+def load_conversations(paths: Iterable[Path]) -> list[Conversation]:
+    out = []
+    for path in paths:
+        before = len(out)
+        for index, record in enumerate(read_records(path)):
+            where = f"{path}, record {index} (counting from 0)"
+            out.append(Conversation(to_messages(record, where), f"{path}#{index}"))
+        if len(out) == before:
+            log.warning("%s holds no record", path)
+    return out
+
+
+@dataclass
+class Splits:
+    train: list[Conversation]
+    held_out: list[Conversation]
+    description: str
+
+
+def load_splits(data: FinetuneDataConfig, default_dir: Path) -> Splits:
+    """finetune.data.paths, split by val_fraction (seeded); empty paths: the built-in instruction set,
+    whose own eval file is the held-out split (run_dir/data/default, written by the tokenize stage)."""
+    if not data.paths:
+        files = [Path(default_dir) / DEFAULT_TRAIN, Path(default_dir) / DEFAULT_EVAL]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise PipelineError(f"the built-in instruction set {missing} is missing: run with data=default "
+                                f"(stages tokenize) or give finetune.data.paths=[...]")
+        return Splits(load_conversations(files[:1]), load_conversations(files[1:]), "the built-in instruction set")
+    from .corpus import resolve_paths
+
+    if not 0 <= data.val_fraction < 1:
+        raise PipelineError(f"finetune.data.val_fraction={data.val_fraction} must lie in [0, 1)")
+    try:
+        paths = resolve_paths(list(data.paths))
+    except PipelineError as exc:
+        raise PipelineError(str(exc).replace("data.paths", "finetune.data.paths", 1)) from None
+    conversations = load_conversations(paths)
+    if not conversations:
+        raise PipelineError(f"finetune.data.paths={list(data.paths)} holds no record")
+    order = np.random.default_rng([data.seed, 7]).permutation(len(conversations))
+    n_val = min(len(conversations) - 1, int(round(data.val_fraction * len(conversations))))
+    if data.val_fraction > 0 and len(conversations) > 1:
+        n_val = max(1, n_val)
+    held = sorted(order[:n_val].tolist())
+    train = sorted(order[n_val:].tolist())
+    return Splits([conversations[i] for i in train], [conversations[i] for i in held],
+                  f"{len(paths)} file(s), val_fraction={data.val_fraction}")
+
+
+# -- tokens --------------------------------------------------------------------------------------
+
+def _encode_protos(sp, texts: list[str]) -> list:
+    """SentencePiece results with per-piece byte offsets (the proto API's name changed across versions)."""
+    try:
+        return sp.encode(texts, return_type="proto")
+    except (TypeError, ValueError):
+        return sp.encode(texts, out_type="immutable_proto")
+
+
+def _byte_spans(text: str, char_spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    def to_byte(position: int) -> int:
+        return len(text[:position].encode("utf-8"))
+
+    return [(to_byte(start), to_byte(end)) for start, end in char_spans]
+
+
+def encode_conversation(sp, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, target) of one conversation: target[t] says token t is inside an assistant target span."""
+    return encode_many(sp, [messages])[0]
+
+
+def encode_many(sp, conversations: list[list[dict]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    rendered = [render(messages) for messages in conversations]
+    protos = _encode_protos(sp, [text for text, _ in rendered])
+    out = []
+    for (text, char_spans), proto in zip(rendered, protos):
+        spans = _byte_spans(text, char_spans)
+        pieces = proto.pieces
+        n = len(pieces)
+        ids = np.fromiter((piece.id for piece in pieces), np.int32, n)
+        begin = np.fromiter((piece.begin for piece in pieces), np.int64, n)
+        # byte-fallback pieces of one character share its start (all but the last are empty ranges):
+        # a piece is a target when its range (at least its first byte) overlaps a target span
+        end = np.maximum(np.fromiter((piece.end for piece in pieces), np.int64, n), begin + 1)
+        target = np.zeros(n, bool)
+        for s, e in spans:
+            target |= np.maximum(begin, s) < np.minimum(end, e)
+        out.append((ids, target))
+    return out
+
+
+def labels_for(ids: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Shifted labels of one token sequence: labels[t] = ids[t + 1] where that token is a target, else -100."""
+    return np.where(target[1:], ids[1:], IGNORE_INDEX).astype(np.int64)
+
+
+@dataclass
+class SequenceStats:
+    examples: int = 0  # conversations tokenized
+    kept: int = 0
+    truncated: int = 0  # longer than seq_len + 1 tokens: cut to it
+    dropped: int = 0  # truncated so far that no target token remained
+    tokens: int = 0  # tokens of the kept examples, after truncation
+    target_tokens: int = 0
+    sequences: int = 0
+    padding_fraction: float = 0.0  # share of input positions that are padding (as batched)
+
+    def describe(self) -> str:
+        return (f"{self.examples} examples → {self.sequences} sequences, {self.target_tokens} target tokens of "
+                f"{self.tokens}, padding {100 * self.padding_fraction:.1f}%, {self.truncated} truncated, "
+                f"{self.dropped} dropped")
+
+
+class SFTSequences:
+    """Tokenized examples as training sequences of at most seq_len + 1 tokens.
+
+    Storage is flat (ids, shifted label-of-each-token) plus each sequence's (start, length): a packed
+    sequence is its examples laid out next to each other, so it is one contiguous range too.
+    """
+
+    def __init__(self, conversations: list[Conversation], sp, seq_len: int, pack: bool, name: str = "train",
+                 pad_id: int | None = None):
+        if seq_len < 2:
+            raise PipelineError(f"finetune.seq_len={seq_len} is too short for a conversation")
+        self.seq_len, self.pack, self.name = seq_len, pack, name
+        self.pad_id = pad_id if pad_id is not None else (sp.pad_id() if sp.pad_id() >= 0 else sp.eos_id())
+        self.stats = SequenceStats(examples=len(conversations))
+        examples = self._fit(encode_many(sp, [c.messages for c in conversations]), conversations)
+        lengths = np.array([ids.size for ids, _ in examples], np.int64)
+        if pack:
+            bins = first_fit(lengths, seq_len + 1)
+            order = [i for members in bins for i in members]
+            seq_lengths = np.array([int(lengths[members].sum()) for members in bins], np.int64)
+        else:
+            order, seq_lengths = list(range(len(examples))), lengths
+        ids = [examples[i][0] for i in order]
+        # label_of[k] = ids[k] if token k is a target else -100: a window's labels are label_of[start+1 : end]
+        label_of = [np.where(examples[i][1], examples[i][0], IGNORE_INDEX).astype(np.int32) for i in order]
+        self.ids = np.concatenate(ids) if ids else np.zeros(0, np.int32)
+        self.label_of = np.concatenate(label_of) if label_of else np.zeros(0, np.int32)
+        self.lengths = seq_lengths
+        self.starts = np.concatenate([[0], np.cumsum(seq_lengths)[:-1]]).astype(np.int64)
+        self.stats.sequences = len(seq_lengths)
+        if pack:
+            self.stats.padding_fraction = self.padding_fraction(np.arange(len(self)))
+        digest = hashlib.sha256(np.array([seq_len, int(pack)], np.int64).tobytes())
+        for array in (self.ids, self.label_of, self.lengths):
+            digest.update(array.tobytes())
+        self.fingerprint = {"split": name, "sequences": len(self), "tokens": int(self.ids.size),
+                            "sha256": digest.hexdigest()}
+
+    def _fit(self, encoded, conversations) -> list[tuple[np.ndarray, np.ndarray]]:
+        limit, kept, first_cut = self.seq_len + 1, [], None
+        for (ids, target), conversation in zip(encoded, conversations):
+            if ids.size > limit:
+                self.stats.truncated += 1
+                first_cut = first_cut or conversation.source
+                ids, target = ids[:limit], target[:limit]
+                if not target[1:].any():
+                    self.stats.dropped += 1
+                    continue
+            kept.append((ids, target))
+            self.stats.tokens += ids.size
+            self.stats.target_tokens += int(target[1:].sum())
+        self.stats.kept = len(kept)
+        if self.stats.truncated:
+            log.warning("finetune %s: %d of %d examples are longer than seq_len + 1 = %d tokens and were truncated "
+                        "(%d of them lost every target token and were dropped), the first %s; raise finetune.seq_len "
+                        "to keep them whole", self.name, self.stats.truncated, len(conversations), limit,
+                        self.stats.dropped, first_cut)
+        return kept
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def width(self, sequence_ids: np.ndarray) -> int:
+        """Input positions of a batch of these sequences: seq_len when packed, else its longest member."""
+        return self.seq_len if self.pack else int(self.lengths[sequence_ids].max()) - 1
+
+    def padding_fraction(self, sequence_ids: np.ndarray, micro_batch_size: int | None = None) -> float:
+        """Share of input positions that are padding when `sequence_ids` are batched in this order."""
+        if len(sequence_ids) == 0:
+            return 0.0
+        chunks = [sequence_ids] if micro_batch_size is None else [
+            sequence_ids[i:i + micro_batch_size] for i in range(0, len(sequence_ids), micro_batch_size)]
+        if self.pack:
+            slots = len(sequence_ids) * self.seq_len
+        else:
+            slots = sum(self.width(chunk) * len(chunk) for chunk in chunks)
+        used = int((self.lengths[sequence_ids] - 1).sum())
+        return 1.0 - used / slots
+
+    def batch(self, sequence_ids: np.ndarray, pin_memory: bool = False) -> Batch:
+        """(inputs, labels) int64 [len(sequence_ids), width]: padding has the pad id and label -100."""
+        width = self.width(sequence_ids)
+        inputs = _alloc((len(sequence_ids), width), pin_memory)
+        labels = _alloc((len(sequence_ids), width), pin_memory)
+        inputs.fill_(self.pad_id)
+        labels.fill_(IGNORE_INDEX)
+        inputs_np, labels_np = inputs.numpy(), labels.numpy()
+        for row, j in enumerate(np.asarray(sequence_ids).tolist()):
+            start, n = int(self.starts[j]), int(self.lengths[j])
+            inputs_np[row, :n - 1] = self.ids[start:start + n - 1]
+            labels_np[row, :n - 1] = self.label_of[start + 1:start + n]
+        return inputs, labels
+
+
+def first_fit(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Examples into bins of `capacity` tokens: longest first, each into the first bin it fits
+    (first-fit decreasing; ties keep file order, so the result is deterministic). A max-tree over the
+    bins' free space finds that bin in O(log n)."""
+    n = len(lengths)
+    if n == 0:
+        return []
+    size = 1
+    while size < n:
+        size *= 2
+    free = np.zeros(2 * size, np.int64)  # leaves: free space of bin i (unopened bins: capacity)
+    free[size:size + n] = capacity
+    for node in range(size - 1, 0, -1):
+        free[node] = max(free[2 * node], free[2 * node + 1])
+    bins: list[list[int]] = []
+    for item in np.argsort(-lengths, kind="stable").tolist():
+        need, node = int(lengths[item]), 1
+        while node < size:  # descend to the leftmost leaf with room
+            node = 2 * node if free[2 * node] >= need else 2 * node + 1
+        index = node - size
+        if index == len(bins):
+            bins.append([])
+        bins[index].append(item)
+        free[node] -= need
+        node //= 2
+        while node:
+            free[node] = max(free[2 * node], free[2 * node + 1])
+            node //= 2
+    return bins
+
+
+# -- loaders -------------------------------------------------------------------------------------
+
+class SFTLoader(PretrainLoader):
+    """Train batches of SFT sequences with the Trainer's interface. The order (a seeded permutation per
+    epoch, chained), the per-rank slices of each global batch and the resume state are PretrainLoader's;
+    only how a micro batch is built differs. Unpacked sequences: the global batch is sorted by length and
+    its micro batches are dealt to the ranks in turn, so each pads little and the ranks stay balanced."""
+
+    def __init__(self, data: SFTSequences, micro_batch_size: int, global_batch_size: int, dp_rank: int = 0,
+                 dp_world: int = 1, seed: int = 0, pin_memory: bool = False):
+        # PretrainLoader.__init__ cuts a token stream into windows; here the samples are given.
+        if len(data) < 1:
+            raise PipelineError(f"the fine-tuning {data.name} split has no example left: add data")
+        if micro_batch_size < 1 or dp_world < 1 or not 0 <= dp_rank < dp_world:
+            raise PipelineError(f"bad data-parallel layout: micro_batch_size={micro_batch_size}, "
+                                f"dp_rank={dp_rank}, dp_world={dp_world}")
+        per_step = micro_batch_size * dp_world
+        if global_batch_size < 1 or global_batch_size % per_step:
+            raise PipelineError(f"finetune.global_batch_size={global_batch_size} is not a multiple of micro_batch_size "
+                                f"× data-parallel size = {micro_batch_size} × {dp_world} = {per_step}: change one")
+        _check_pin(pin_memory)
+        self.data = self.stream = data  # PretrainLoader.state_dict records stream.fingerprint
+        self.num_samples, self.seq_len, self.seed = len(data), data.seq_len, seed
+        self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
+        self.dp_rank, self.dp_world, self.pin_memory = dp_rank, dp_world, pin_memory
+        self.grad_accum = global_batch_size // per_step
+        self.samples_consumed = 0
+        self._perms: dict[int, np.ndarray] = {}
+
+    def rank_micro_batches(self, step_start: int) -> list[np.ndarray]:
+        """This rank's micro batches (sequence ids) of the global batch at position `step_start`."""
+        if self.data.pack:
+            first = step_start + self.dp_rank * (self.global_batch_size // self.dp_world)
+            ids = self.sample_ids(first, first + self.global_batch_size // self.dp_world)
+            return list(ids.reshape(self.grad_accum, self.micro_batch_size))
+        ids = self.sample_ids(step_start, step_start + self.global_batch_size)
+        ids = ids[np.argsort(self.data.lengths[ids], kind="stable")]
+        chunks = ids.reshape(self.grad_accum * self.dp_world, self.micro_batch_size)
+        return list(chunks[self.dp_rank::self.dp_world])
+
+    def next_global_batch(self) -> list[Batch]:
+        batches = [self.data.batch(micro, self.pin_memory) for micro in self.rank_micro_batches(self.samples_consumed)]
+        self.samples_consumed += self.global_batch_size  # only once the whole step's data exists
+        return batches
+
+    def epoch_padding_fraction(self) -> float:
+        """Padding share of one epoch's micro batches as this loader builds them (all ranks)."""
+        steps = -(-self.num_samples // self.global_batch_size)
+        saved, self.dp_rank = self.dp_rank, 0
+        used = slots = 0
+        try:
+            for step in range(steps):
+                for rank in range(self.dp_world):
+                    self.dp_rank = rank
+                    for micro in self.rank_micro_batches(step * self.global_batch_size):
+                        slots += self.data.width(micro) * len(micro)
+                        used += int((self.data.lengths[micro] - 1).sum())
+        finally:
+            self.dp_rank = saved
+        return 1.0 - used / slots
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("fingerprint") != self.state_dict()["fingerprint"]:
+            raise PipelineError(f"refusing to resume: the fine-tuning data or its tokenization changed since the "
+                                f"checkpoint (checkpoint {state.get('fingerprint')}, now {self.data.fingerprint}): "
+                                f"restore them, or start over with finetune.resume=none")
+        super().load_state_dict(state)
+
+
+class SFTEvalBatches:
+    """Fixed held-out batches, re-iterable: batch b holds sequences [b*B*W, (b+1)*B*W) of the held-out
+    split and rank r takes [b*B*W + r*B, +B) of it (B = micro batch, W = ranks), as EvalBatches does.
+    Every rank gets the same number of batches (ZeRO 3 runs the forward passes collectively)."""
+
+    def __init__(self, data: SFTSequences | None, batch_size: int, num_batches: int, dp_rank: int = 0,
+                 dp_world: int = 1, pin_memory: bool = False):
+        per_batch = batch_size * dp_world
+        available = 0 if data is None else len(data) // per_batch
+        self.num_batches = min(num_batches, available)
+        if data is not None and num_batches > 0 and available < num_batches:
+            log.warning("finetune eval: the held-out split has %d sequences, %d batch(es) of %d × %d ranks "
+                        "(asked for %d)%s", len(data), available, batch_size, dp_world, num_batches,
+                        "; no validation loss" if not available else "")
+        self.data, self.batch_size, self.dp_rank, self.dp_world = data, batch_size, dp_rank, dp_world
+        self.pin_memory = pin_memory
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        for b in range(self.num_batches):
+            first = (b * self.dp_world + self.dp_rank) * self.batch_size
+            yield self.data.batch(np.arange(first, first + self.batch_size), self.pin_memory)
+
+
+# -- exact match ---------------------------------------------------------------------------------
+
+@dataclass
+class Question:
+    prompt_ids: list[int]  # the rendered conversation up to and including "<|im_start|>assistant\n"
+    reference: str
+    source: str = ""
+
+
+def exact_match_questions(conversations: list[Conversation], sp, limit: int) -> list[Question]:
+    """The first `limit` held-out conversations as greedy-answer questions (the prompt encoded whole,
+    with the generation prompt, exactly as HF apply_chat_template(add_generation_prompt=True) renders it)."""
+    items = [c.question() + (c.source,) for c in conversations[:max(0, limit)]]
+    texts = [render(prompt, add_generation_prompt=True)[0] for prompt, _, _ in items]
+    encoded = sp.encode(texts) if texts else []
+    return [Question(list(ids), reference, source) for ids, (_, reference, source) in zip(encoded, items)]
+
+
+@dataclass
+class SFTData:
+    """Everything the finetune stage reads, built identically on every rank."""
+    train: SFTSequences
+    held_out: SFTSequences | None
+    questions: list[Question] = field(default_factory=list)
+    description: str = ""
+
+
+def build(data_cfg: FinetuneDataConfig, default_dir: Path, sp, seq_len: int, pack: bool,
+          exact_match: int) -> SFTData:
+    splits = load_splits(data_cfg, default_dir)
+    train = SFTSequences(splits.train, sp, seq_len, pack, "train")
+    held = SFTSequences(splits.held_out, sp, seq_len, pack, "held-out") if splits.held_out else None
+    return SFTData(train, held, exact_match_questions(splits.held_out, sp, exact_match), splits.description)
+
