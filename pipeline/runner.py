@@ -74,14 +74,18 @@ class Stage:
     name: str
     inputs: Callable[[Context], dict]  # everything the outputs depend on
     run: Callable[[Context], list[Path]] | None  # does the work; returns the output files
-    data_stage: bool = False  # runs on rank 0 (or split between ranks) before training starts
+    rank_zero_only: bool = False  # under a launcher rank 0 runs it (shard: split) and the rest wait
     distributed: bool = False  # every rank runs it together, under a launcher or local ranks we start
+
+
+def file_digest(path: Path) -> str:
+    return sha256_file(path) if path.is_file() else "missing"
 
 
 def tokenize_inputs(ctx: Context) -> dict:
     cfg = ctx.cfg.tokenizer
     if cfg.path:
-        return {"reuse_sha256": sha256_file(Path(cfg.path)) if Path(cfg.path).is_file() else "missing"}
+        return {"reuse_sha256": file_digest(Path(cfg.path))}
     data = {k: v for k, v in asdict(ctx.cfg.data).items() if k != "val_fraction"}
     settings = {k: v for k, v in asdict(cfg).items() if k != "num_threads"}
     return {"tokenizer": settings, "data": data, "corpus": ctx.corpus_identity()}
@@ -124,8 +128,7 @@ def pretrain_inputs(ctx: Context) -> dict:
     manifest = ctx.run_dir / "shards" / "manifest.json"
     return {"model": asdict(ctx.cfg.model), "train": asdict(ctx.cfg.train), "deepspeed": asdict(ctx.cfg.deepspeed),
             "precision": asdict(ctx.cfg.precision),
-            "shards": sha256_file(manifest) if manifest.is_file() else "missing",
-            "tokenizer": sha256_file(ctx.tokenizer_path) if ctx.tokenizer_path.is_file() else "missing"}
+            "shards": file_digest(manifest), "tokenizer": file_digest(ctx.tokenizer_path)}
 
 
 def run_pretrain(ctx: Context) -> list[Path]:
@@ -138,8 +141,8 @@ def run_pretrain(ctx: Context) -> list[Path]:
 
 
 PIPELINE = (
-    Stage("tokenize", tokenize_inputs, run_tokenize, data_stage=True),
-    Stage("shard", shard_inputs, run_shard, data_stage=True),
+    Stage("tokenize", tokenize_inputs, run_tokenize, rank_zero_only=True),
+    Stage("shard", shard_inputs, run_shard, rank_zero_only=True),
     Stage("pretrain", pretrain_inputs, run_pretrain, distributed=True),
     Stage("finetune", lambda ctx: {}, None),  # run=None: not built yet, refused before any work
     Stage("export", lambda ctx: {}, None),
@@ -175,21 +178,22 @@ def run_pipeline(cfg: PipelineConfig, resolved: dict, overrides: list[str]) -> N
     ctx = Context(cfg=cfg, run_dir=prepare_run_dir(cfg), launch=launch, resolved=resolved)
     if launch.rank == 0:
         atomic_write_bytes(ctx.run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
-    for stage in PIPELINE:
-        if stage.name not in cfg.stages:
-            continue
+    stages = [stage for stage in PIPELINE if stage.name in cfg.stages]
+    while stages:
+        stage = stages.pop(0)
         if stage.distributed and not launch.under_launcher:
-            # this process starts the ranks, which run every remaining distributed stage together
+            # this process starts local ranks for this run of distributed stages, then goes on
             from .local_launch import run_local_ranks
 
-            remaining = [s for s in PIPELINE[PIPELINE.index(stage):] if s.name in cfg.stages and s.distributed]
-            stale = [s.name for s in remaining if cfg.force or not stage_is_current(s, ctx)]
+            group = [stage]
+            while stages and stages[0].distributed:
+                group.append(stages.pop(0))
+            stale = [s.name for s in group if cfg.force or not stage_is_current(s, ctx)]
             if stale:
                 run_local_ranks(cfg, overrides, stale)
-            return
-        if stage.name == "shard" and cfg.shard.worker_index is not None:
+        elif stage.name == "shard" and cfg.shard.worker_index is not None:
             run_shard_part(stage, ctx, merge=auto_split)
-        elif stage.data_stage and launch.rank != 0:
+        elif stage.rank_zero_only and launch.rank != 0:
             wait_for_record(stage, ctx)
         else:
             run_stage(stage, ctx)
