@@ -140,12 +140,27 @@ def run_pretrain(ctx: Context) -> list[Path]:
     return [found[0] / RECORD] if found else []
 
 
+def export_inputs(ctx: Context) -> dict:
+    from .checkpoint import find_resumable
+
+    found = {stage: find_resumable(ctx.run_dir / stage / "checkpoints") for stage in ("pretrain", "finetune")}
+    return {"export": asdict(ctx.cfg.export), "tokenizer": file_digest(ctx.tokenizer_path),
+            "checkpoints": {stage: hit and {"tag": hit[0].name, "files": hit[1]["files"]}
+                            for stage, hit in found.items()}}
+
+
+def run_export(ctx: Context) -> list[Path]:
+    from .export import run_export as export
+
+    return export(ctx.cfg, ctx.run_dir)
+
+
 PIPELINE = (
     Stage("tokenize", tokenize_inputs, run_tokenize, rank_zero_only=True),
     Stage("shard", shard_inputs, run_shard, rank_zero_only=True),
     Stage("pretrain", pretrain_inputs, run_pretrain, distributed=True),
     Stage("finetune", lambda ctx: {}, None),  # run=None: not built yet, refused before any work
-    Stage("export", lambda ctx: {}, None),
+    Stage("export", export_inputs, run_export, rank_zero_only=True),
 )
 
 
@@ -168,7 +183,7 @@ def run_pipeline(cfg: PipelineConfig, resolved: dict, overrides: list[str]) -> N
     unbuilt = [stage.name for stage in PIPELINE if stage.name in cfg.stages and stage.run is None]
     if unbuilt:
         raise PipelineError(f"stage(s) {unbuilt} are not built in this version: "
-                            f"run stages=[tokenize,shard,pretrain]")
+                            f"run stages=[tokenize,shard,pretrain,export]")
     launch = LaunchInfo.from_env()
     auto_split = launch.world_size > 1 and cfg.shard.num_workers == 1 and cfg.shard.worker_index is None
     if auto_split:  # every rank encodes its own part of the corpus, on its share of the cores
