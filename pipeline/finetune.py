@@ -15,7 +15,7 @@ import io
 import json
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from .config import ModelConfig, PipelineConfig
 from .errors import PipelineError
 from .metrics import MetricsLogger
 from .tokenizer import load_tokenizer
-from .train import Trainer, build_optimizer, deepspeed_config, grad_accumulation, init_distributed
+from .train import Trainer, build_optimizer, deepspeed_config, grad_accumulation, init_distributed, initialize_engine
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,23 @@ def load_init_weights(model: torch.nn.Module, source: InitSource) -> None:
 # -- exact match --------------------------------------------------------------------------------
 
 @torch.no_grad()
+def greedy(module: torch.nn.Module, prompts: torch.Tensor, steps: int) -> torch.Tensor:
+    """The `steps` greedy continuations [B, steps] of equal-length prompts [B, T], with the model's KV cache:
+    always `steps` forward calls. Unlike `model.generate` this runs under no_grad, not inference_mode: ZeRO 3
+    keeps small parameters gathered across calls, and tensors made in inference mode would then break the
+    next training step's backward."""
+    batch, length = prompts.shape
+    cache = module.new_kv_cache(batch, length + steps)
+    logits = module(prompts, kv_cache=cache, start_pos=0)[:, -1]
+    out = []
+    for i in range(steps):
+        out.append(logits.argmax(dim=-1))
+        if i + 1 < steps:
+            logits = module(out[-1][:, None], kv_cache=cache, start_pos=length + i)[:, -1]
+    return torch.stack(out, dim=1)
+
+
+@torch.no_grad()
 def exact_match(module: torch.nn.Module, questions: list, sp, max_new_tokens: int, device: torch.device,
                 batch_size: int = GENERATION_BATCH) -> tuple[int, int]:
     """(correct, total) over all ranks. Each rank answers a disjoint slice greedily; every rank makes the
@@ -170,7 +187,6 @@ def exact_match(module: torch.nn.Module, questions: list, sp, max_new_tokens: in
     batched, ranks with fewer batches run dummy ones, and every generation runs all max_new_tokens steps.
     The answer is the text before <|im_end|> (or </s>), stripped; it must equal the reference stripped."""
     from .chat import IM_END
-    from .model import generate
 
     rank, world = dist.get_rank(), dist.get_world_size()
     limit = module.cfg.max_seq_len - max_new_tokens
@@ -193,11 +209,10 @@ def exact_match(module: torch.nn.Module, questions: list, sp, max_new_tokens: in
     try:
         for b in range(int(count.item())):
             if b >= len(batches):  # keeps this rank's forward calls in step with the others
-                generate(module, torch.full((1, 1), sp.bos_id() if sp.bos_id() >= 0 else 0, device=device),
-                         max_new_tokens)
+                greedy(module, torch.zeros((1, 1), dtype=torch.long, device=device), max_new_tokens)
                 continue
             prompts = torch.tensor([ids for ids, _ in batches[b]], device=device)
-            out = generate(module, prompts, max_new_tokens)[:, prompts.shape[1]:].tolist()
+            out = greedy(module, prompts, max_new_tokens).tolist()
             for new_ids, (_, reference) in zip(out, batches[b]):
                 cut = next((i for i, t in enumerate(new_ids) if t in stops), len(new_ids))
                 correct += sp.decode(new_ids[:cut]).strip() == reference.strip()
@@ -231,8 +246,6 @@ def will_resume(cfg: PipelineConfig, run_dir: Path) -> bool:
 
 
 def main(cfg: PipelineConfig, run_dir: Path, resolved_config: dict) -> None:
-    import deepspeed
-
     from . import sft_data
     from .model import Transformer, compile_blocks, flops_per_token
 
@@ -267,26 +280,28 @@ def main(cfg: PipelineConfig, run_dir: Path, resolved_config: dict) -> None:
 
     torch.manual_seed(ft.seed)
     model = Transformer(model_cfg)
+    num_parameters = sum(p.numel() for p in model.parameters())  # before ZeRO 3 partitions them
     if not resuming:
         load_init_weights(model, source)
     if model_cfg.compile:
         compile_blocks(model)
     optimizer = build_optimizer(model, ft, cfg.deepspeed, device)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                      config=deepspeed_config(ft, cfg.deepspeed, cfg.precision, ft.micro_batch_size,
-                                                              grad_accum))
+    engine = initialize_engine(model, optimizer, deepspeed_config(ft, cfg.deepspeed, cfg.precision,
+                                                                  ft.micro_batch_size, grad_accum),
+                               cfg.deepspeed.stage)
     metrics = MetricsLogger(run_dir, "finetune", rank == 0, cfg.logging.wandb, resolved_config)
     trainer = Trainer(stage="finetune", engine=engine, loader=loader, eval_batches=eval_set, train=ft,
                       run_dir=run_dir, checkpoint_root=checkpoint_root(run_dir), metrics=metrics,
                       flops_per_token=flops_per_token(model_cfg, ft.seq_len),
-                      tokens_per_step=ft.global_batch_size * ft.seq_len, device=device)
+                      tokens_per_step=ft.global_batch_size * ft.seq_len, device=device,
+                      model_config=asdict(model_cfg))
     if rank == 0:
         held = data.held_out.stats.describe() if data.held_out else "none"
         log.info("finetune: %s from %s; train: %s; held-out: %s; %d exact-match questions", data.description,
                  "its last checkpoint (resume)" if resuming else f"{source.kind} weights {source.path}",
                  data.train.stats.describe(), held, len(data.questions))
         log.info("finetune: model %.2fM parameters, %d ranks × micro batch %d × %d accumulation, ZeRO %d, %s, "
-                 "%s sequences of %d tokens", sum(p.numel() for p in model.parameters()) / 1e6, world,
+                 "%s sequences of %d tokens", num_parameters / 1e6, world,
                  ft.micro_batch_size, grad_accum, cfg.deepspeed.stage, cfg.precision.name,
                  "packed" if ft.pack else "unpacked", ft.seq_len)
     trainer.resume()
@@ -307,8 +322,6 @@ def main(cfg: PipelineConfig, run_dir: Path, resolved_config: dict) -> None:
 
 def stage_inputs(cfg: PipelineConfig, run_dir: Path) -> dict:
     """Everything the finetune stage's outputs depend on, for the runner's skip record."""
-    from dataclasses import asdict
-
     from .checkpoint import find_resumable
     from .corpus import files_fingerprint, resolve_paths
     from .fsutil import sha256_file
@@ -333,33 +346,3 @@ def stage_inputs(cfg: PipelineConfig, run_dir: Path) -> dict:
     return {"model": asdict(cfg.model), "finetune": asdict(ft), "deepspeed": asdict(cfg.deepspeed),
             "precision": asdict(cfg.precision), "init": init, "data": data,
             "tokenizer": sha256_file(tokenizer) if tokenizer.is_file() else "missing"}
-
-
-def run_standalone(argv: list[str]) -> None:
-    """`python -m pipeline.finetune OVERRIDES...` under a launcher (torchrun): this stage alone, with the
-    same config composition and one-line errors as `python -m pipeline`, until the runner starts it."""
-    import os
-
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from .__main__ import config_dir, errors_reported
-    from .config import validate
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    debug = any(a.lstrip("+").lower() in ("debug=true", "debug=1") for a in argv)
-    with errors_reported(debug):
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            composed = compose(config_name="config", overrides=argv)
-        config: PipelineConfig = OmegaConf.to_object(composed)
-        validate(config)
-        run_dir = Path(config.run_dir).expanduser().resolve()
-        main(config, run_dir, OmegaConf.to_container(composed, resolve=True))
-
-
-if __name__ == "__main__":
-    import sys
-
-    run_standalone(sys.argv[1:])

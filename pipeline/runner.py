@@ -73,7 +73,7 @@ class Context:
 class Stage:
     name: str
     inputs: Callable[[Context], dict]  # everything the outputs depend on
-    run: Callable[[Context], list[Path]] | None  # does the work; returns the output files
+    run: Callable[[Context], list[Path]]  # does the work; returns the output files
     rank_zero_only: bool = False  # under a launcher rank 0 runs it (shard: split) and the rest wait
     distributed: bool = False  # every rank runs it together, under a launcher or local ranks we start
 
@@ -140,6 +140,21 @@ def run_pretrain(ctx: Context) -> list[Path]:
     return [found[0] / RECORD] if found else []
 
 
+def finetune_inputs(ctx: Context) -> dict:
+    from .finetune import stage_inputs
+
+    return stage_inputs(ctx.cfg, ctx.run_dir)
+
+
+def run_finetune(ctx: Context) -> list[Path]:
+    from .checkpoint import RECORD, find_resumable
+    from .finetune import checkpoint_root, main
+
+    main(ctx.cfg, ctx.run_dir, ctx.resolved)
+    found = find_resumable(checkpoint_root(ctx.run_dir))
+    return [found[0] / RECORD] if found else []
+
+
 def export_inputs(ctx: Context) -> dict:
     from .checkpoint import find_resumable
 
@@ -159,7 +174,7 @@ PIPELINE = (
     Stage("tokenize", tokenize_inputs, run_tokenize, rank_zero_only=True),
     Stage("shard", shard_inputs, run_shard, rank_zero_only=True),
     Stage("pretrain", pretrain_inputs, run_pretrain, distributed=True),
-    Stage("finetune", lambda ctx: {}, None),  # run=None: not built yet, refused before any work
+    Stage("finetune", finetune_inputs, run_finetune, distributed=True),
     Stage("export", export_inputs, run_export, rank_zero_only=True),
 )
 
@@ -180,10 +195,6 @@ def run_pipeline(cfg: PipelineConfig, resolved: dict, overrides: list[str]) -> N
     """Run the requested stages; `resolved` is the whole config as plain data, `overrides` the
     command line (replayed on the local ranks that distributed stages start)."""
     validate(cfg)
-    unbuilt = [stage.name for stage in PIPELINE if stage.name in cfg.stages and stage.run is None]
-    if unbuilt:
-        raise PipelineError(f"stage(s) {unbuilt} are not built in this version: "
-                            f"run stages=[tokenize,shard,pretrain,export]")
     launch = LaunchInfo.from_env()
     auto_split = launch.world_size > 1 and cfg.shard.num_workers == 1 and cfg.shard.worker_index is None
     if auto_split:  # every rank encodes its own part of the corpus, on its share of the cores

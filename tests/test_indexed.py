@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mmidx_reference import independent_read
-from pipeline.indexed import DTYPE_CODES, IndexedDataset, IndexedDatasetWriter, ShardInfo, token_dtype
+from pipeline.indexed import IndexedDataset, IndexedDatasetWriter, ShardInfo, token_dtype
 
 
 def random_docs(rng, n, vocab):

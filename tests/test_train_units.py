@@ -1,9 +1,7 @@
 """Fast checks of the engine's pure parts: schedule, DeepSpeed JSON, param groups, checkpoint records."""
 import json
-import math
 
 import pytest
-import torch
 
 from pipeline.checkpoint import RECORD, find_resumable, prune, verify
 from pipeline.config import DeepSpeedConfig, ModelConfig, PrecisionConfig, TrainConfig
