@@ -11,7 +11,7 @@ SentencePiece tokenizer. Then, each in its own fresh process:
 Peak RSS is the process's ru_maxrss, which counts memory-mapped checkpoint pages it touched (page
 cache, reclaimable); peak anon samples RssAnon every 5 ms: the memory the process really allocated.
 The checkpoint was just written, so it is in the page cache: this is CPU and memory cost, not disk.
-Prints a table and, when bench/RESULTS.md exists, appends a dated row to it.
+Prints a table and appends a dated row to bench/RESULTS.md (--no-record: not).
 """
 import os
 import sys
@@ -23,56 +23,17 @@ if sys.path and os.path.abspath(sys.path[0] or os.curdir) == HERE:
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
-import resource  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict  # noqa: E402
-from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-RESULTS = Path(ROOT) / "bench" / "RESULTS.md"
-
-
-def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} CPUs, {ram:.0f} GiB RAM"
-
-
-class AnonPeak:
-    """Samples this process's RssAnon (kB in /proc/self/status) in a thread; .peak in MiB."""
-
-    def __init__(self, interval: float = 0.005):
-        self.peak, self._stop = 0.0, threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
-        self._thread.start()
-
-    def _run(self, interval: float) -> None:
-        while not self._stop.is_set():
-            with open("/proc/self/status") as f:
-                kb = next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
-            self.peak = max(self.peak, kb / 1024)
-            time.sleep(interval)
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        return self.peak
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from bench.common import MemorySampler, figures, hardware, peak_rss_mib, print_table  # noqa: E402
+from bench.common import record as record_row  # noqa: E402  (`record` names checkpoint records below)
 
 
 def folder_mb(folder: Path) -> float:
@@ -172,7 +133,7 @@ def child(args) -> None:
         build(args.run_dir, args.model[0], args.vocab, args.zero)
         return
     baseline_rss = peak_rss_mib()  # the interpreter alone, before the heavy imports
-    anon = AnonPeak()
+    anon = MemorySampler("RssAnon")
     result = (run_export if args.child == "export" else run_baseline)(args.run_dir, args.dtype, args.out)
     result.update(peak_rss=peak_rss_mib(), peak_anon=anon.stop(), start_rss=baseline_rss,
                   output_mb=folder_mb(args.out))
@@ -246,23 +207,17 @@ def main() -> None:
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)
 
-    widths = {k: max(len(k), *(len(row[k]) for row in rows)) for k in rows[0]}
     print()
-    print("  ".join(k.rjust(widths[k]) for k in rows[0]))
-    for row in rows:
-        print("  ".join(v.rjust(widths[k]) for k, v in row.items()))
+    print_table(rows)
     print(f"checkpoint: 1 CPU rank, ZeRO {args.zero}, bf16, vocab {args.vocab}; output dtype {args.dtype}; "
           f"save_pretrained: zero_to_fp32 + load into LlamaForCausalLM + save_pretrained ('save s': that call alone); "
           f"s: best of {args.repeats}; peak RSS counts touched mmap'd checkpoint pages, peak anon does not")
-    if args.no_record or not RESULTS.exists():
+    if args.no_record:
         return
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load = f"load {load_start:.2f}→{os.getloadavg()[0]:.2f}"
-    figures = " / ".join("; ".join(f"{k} {v}" for k, v in row.items()) for row in rows)
-    with open(RESULTS, "a") as f:
-        f.write(f"| {date} | {hw} | `{command}` | ZeRO {args.zero} bf16 checkpoint, 1 rank; vocab {args.vocab}; "
-                f"dtype {args.dtype}; {figures}; {load} |\n")
-    print(f"appended to {RESULTS}")
+    per_model = " / ".join(figures(row) for row in rows)
+    record_row(command, f"ZeRO {args.zero} bf16 checkpoint, 1 rank; vocab {args.vocab}; dtype {args.dtype}; "
+               f"{per_model}; {load}", hw)
 
 
 def replace_model(args, model_name: str):

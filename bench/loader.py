@@ -5,7 +5,7 @@ shards of --shard-mtok million tokens so windows cross files) in a temporary fol
 it is reused when already there. Then times `open_split` (verify=full: sha256 + token-id range of every
 file) and --steps optimizer steps of `next_global_batch` (seq_len 2048, global batch 256 by default).
 The shards were just written, so they are in the page cache: this is the loader's own cost, not the disk's.
-Prints a table and, when bench/RESULTS.md exists, appends a dated row to it.
+Prints a table and appends a dated row to bench/RESULTS.md (--no-record: not).
 """
 import os
 import sys
@@ -16,21 +16,19 @@ if sys.path and os.path.abspath(sys.path[0] or os.curdir) == HERE:
     sys.path[0] = ROOT  # `python bench/loader.py` runs from bench/: import the checkout's pipeline/
 
 import argparse  # noqa: E402
-import platform  # noqa: E402
 import shlex  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict  # noqa: E402
-from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from bench.common import print_table, record  # noqa: E402
 from pipeline.data import PretrainLoader, open_split  # noqa: E402
 from pipeline.fsutil import atomic_write_json, sha256_file  # noqa: E402
 from pipeline.indexed import IndexedDatasetWriter  # noqa: E402
 
-RESULTS = Path(ROOT) / "bench" / "RESULTS.md"
 VOCAB, EOS = 32000, 2
 
 
@@ -65,17 +63,6 @@ def build_shards(folder: Path, num_tokens: int, shard_tokens: int, seed: int = 0
         "dtype": "uint16", "eos_id": EOS, "bos_id": 1, "pad_id": -1, "val_fraction": 0.01, "seed": seed,
         "splits": splits})
     return tokenizer
-
-
-def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} CPUs, {ram:.0f} GiB RAM"
 
 
 def measure(folder: Path, args) -> dict:
@@ -118,17 +105,10 @@ def main() -> None:
     else:
         with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
             row = measure(Path(tmp), args)
-    widths = {k: max(len(k), len(v)) for k, v in row.items()}
-    print("  ".join(k.rjust(widths[k]) for k in row))
-    print("  ".join(v.rjust(widths[k]) for k, v in row.items()))
+    print_table([row])
     print("loader M tok/s: input tokens of all timed steps / their total time, one process, page cache warm")
-    if args.no_record or not RESULTS.exists():
-        return
-    figures = "; ".join(f"{k} {v}" for k, v in row.items())
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    with open(RESULTS, "a") as f:
-        f.write(f"| {date} | {hardware()} | `{command}` | {figures} |\n")
-    print(f"appended to {RESULTS}")
+    if not args.no_record:
+        record(command, row)
 
 
 if __name__ == "__main__":

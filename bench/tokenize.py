@@ -2,6 +2,7 @@
 """Benchmark the `shard` stage against raw SentencePiece batch encoding on the same corpus and cores.
 
     python bench/tokenize.py CORPUS [--min-mb 100] [--threads N] [--repeats 3] [--vocab 8000]
+    python bench/tokenize.py CORPUS --train [--min-mb 1000] [--threads N] [--vocab 8000]
 
 Goals (issue): shard MB/s >= 0.9 x raw `sp.encode(docs, num_threads=N)` MB/s, and shard peak RSS
 under 2 GB for a 1 GB corpus. A corpus under --min-mb is first repeated into bench/out/ as .jsonl
@@ -11,6 +12,11 @@ the stage itself loads (datasets' streaming reader imports torch, ~2 s). "cores"
 wall time: well under --threads means the cores were shared (see the load average) or idle. A row is
 appended to bench/RESULTS.md. raw holds every document and token id in memory (~17x the corpus):
 use --shard-only for large corpora.
+
+--train times the `tokenize` stage instead (SentencePiece training on a sample of the corpus), run as a user
+runs it, against the issue's goal of 1 GB in at most 5 minutes and 16 GB. Its corpus is repeated with
+variation (`variant`: letter swaps per repeat, so the vocabulary of words grows with the size, as real text's
+does); it reports the wall time of the command and the peak RSS of its whole process tree.
 """
 import os
 import sys
@@ -24,23 +30,36 @@ if sys.path and os.path.abspath(sys.path[0] or os.curdir) == HERE:
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
+import random  # noqa: E402
 import re  # noqa: E402
 import resource  # noqa: E402
 import shlex  # noqa: E402
 import statistics  # noqa: E402
+import string  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
-from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from bench.common import RESULTS, MemorySampler, peak_rss_mib, print_table, record  # noqa: E402
+
 OUT = Path(ROOT) / "bench" / "out"
-RESULTS = Path(ROOT) / "bench" / "RESULTS.md"
 MB = 1e6
 
 
-def bench_corpus(src: Path, min_mb: float) -> Path:
-    """`src` itself if it is large enough, else a .jsonl under bench/out/ repeating its documents."""
+def variant(repeat: int) -> dict:
+    """The letter swaps of one repeat of the corpus: none for the first; then a pair of less frequent lowercase
+    letters and a pair of capitals, seeded by the repeat. Word types then keep growing with the corpus, as in
+    real text (a 1 MB vocabulary repeated a thousand times would flatter the tokenizer's trainer)."""
+    if repeat == 0:
+        return {}
+    rng = random.Random(repeat)
+    (a, b), (c, d) = rng.sample("bcfgjkmpqvwxyz", 2), rng.sample(string.ascii_uppercase, 2)
+    return str.maketrans(a + b + c + d, b + a + d + c)
+
+
+def bench_corpus(src: Path, min_mb: float, vary: bool = False) -> Path:
+    """`src` itself if it is large enough, else a .jsonl under bench/out/ repeating its documents; with `vary`,
+    each repeat's texts with the letter swaps of `variant`."""
     if src.stat().st_size >= min_mb * MB:
         return src
     suffix = src.suffix.lower()
@@ -55,15 +74,20 @@ def bench_corpus(src: Path, min_mb: float) -> Path:
         text_bytes = sum(len((t if isinstance(t, str) else r).encode("utf-8")) for t, r in zip(texts, records))
     else:
         sys.exit(f"{src} is under --min-mb={min_mb}; only .txt and .jsonl can be repeated (or pass --min-mb 0)")
-    dst = OUT / f"{src.stem}-{min_mb:g}mb.jsonl"
+    dst = OUT / f"{src.stem}-{min_mb:g}mb{'-varied' if vary else ''}.jsonl"
     if dst.is_file() and dst.stat().st_mtime >= src.stat().st_mtime:
         return dst
     chunk = "".join(records).encode("utf-8")
     repeats = max(1, -(-int(min_mb * MB) // max(1, text_bytes)))
+    objects = [json.loads(record) for record in records] if vary else []
     OUT.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_suffix(".tmp")
     with open(tmp, "wb") as f:
-        for _ in range(repeats):
+        for repeat in range(repeats):
+            if vary and repeat:  # only the text changes: other fields, and the keys, stay as they are
+                table = variant(repeat)
+                chunk = "".join(json.dumps({**o, "text": o["text"].translate(table)} if isinstance(o.get("text"), str)
+                                           else o, ensure_ascii=False) + "\n" for o in objects).encode("utf-8")
             f.write(chunk)
     tmp.replace(dst)
     print(f"bench corpus: {dst} ({len(records) * repeats} documents, {dst.stat().st_size / MB:.1f} MB)")
@@ -74,14 +98,39 @@ def run_dir_for(corpus: Path) -> Path:
     return OUT / f"run-{corpus.stem}"
 
 
+def tokenize_command(corpus: Path, vocab: int, text_field: str, *extra: str) -> list[str]:
+    quoted = "'" + str(corpus).replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return [sys.executable, "-m", "pipeline", "stages=[tokenize]", "data=files", f"data.paths=[{quoted}]",
+            f"data.split_on_blank_lines={str(is_txt(corpus)).lower()}",
+            f"data.text_field={text_field}", f"run_dir={run_dir_for(corpus)}", f"tokenizer.vocab_size={vocab}", *extra]
+
+
 def train_tokenizer(corpus: Path, vocab: int, text_field: str) -> None:
     """The pipeline's own tokenize stage (skipped when complete and unchanged)."""
-    quoted = "'" + str(corpus).replace("\\", "\\\\").replace("'", "\\'") + "'"
-    cmd = [sys.executable, "-m", "pipeline", "stages=[tokenize]", "data=files", f"data.paths=[{quoted}]",
-           f"data.split_on_blank_lines={str(is_txt(corpus)).lower()}",
-           f"data.text_field={text_field}", f"run_dir={run_dir_for(corpus)}", f"tokenizer.vocab_size={vocab}"]
+    cmd = tokenize_command(corpus, vocab, text_field)
     if subprocess.run(cmd, cwd=ROOT).returncode != 0:
         sys.exit("training the tokenizer failed (see above): " + shlex.join(cmd))
+
+
+def measure_training(corpus: Path, args) -> dict:
+    """One run of the tokenize stage (force=true) as a user runs it: wall time of the whole command, the
+    stage's own seconds (its completion record), and the peak RSS of the command's process tree, sampled
+    every 0.1 s, alongside ru_maxrss (the largest single process, exact)."""
+    cmd = tokenize_command(corpus, args.vocab, args.text_field, f"tokenizer.num_threads={args.threads}", "force=true")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"})
+    sampler = MemorySampler(pid=proc.pid, tree=True, interval=0.1)
+    code = proc.wait()
+    seconds = time.perf_counter() - started
+    tree_peak = sampler.stop()
+    if code != 0:
+        sys.exit(f"the tokenize stage failed (exit {code}, see above): {shlex.join(cmd)}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    stage = json.loads((run_dir_for(corpus) / "stages" / "tokenize.json").read_text())
+    return {"seconds": seconds, "stage_seconds": stage["seconds"], "cores": cpu / seconds,
+            "tree_peak_mib": tree_peak, "max_process_mib": peak_rss_mib(children=True)}
 
 
 def is_txt(corpus: Path) -> bool:
@@ -125,7 +174,7 @@ def child(kind: str, corpus: Path, vocab: int, threads: int, text_field: str) ->
         docs = sum(s["documents"] for s in manifest["splits"].values())
         tokens = sum(s["tokens"] for s in manifest["splits"].values()) - docs  # less one EOS per document
         figures = dict(text_bytes=manifest["corpus"]["text_bytes"], docs=docs, tokens=tokens)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    peak = peak_rss_mib() * 2**20
     return dict(kind=kind, seconds=seconds, cores=cpu / seconds, import_s=import_s, peak_rss=peak, **figures)
 
 
@@ -142,17 +191,6 @@ def measure(kind: str, args, corpus: Path) -> dict:
     return result
 
 
-def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} CPUs, {ram:.0f} GiB RAM"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See the module docstring.")
     parser.add_argument("corpus", type=Path, help="a .txt, .jsonl, .json or .parquet file")
@@ -163,6 +201,9 @@ def main() -> None:
     parser.add_argument("--text-field", default="text", help="data.text_field for .jsonl/.json/.parquet (default text)")
     parser.add_argument("--shard-only", action="store_true",
                         help="skip raw (for corpora whose token ids do not fit in memory)")
+    parser.add_argument("--train", action="store_true",
+                        help="time the tokenize stage (SentencePiece training) instead, on a corpus repeated with "
+                             "variation to --min-mb: wall time and the peak RSS of its process tree")
     parser.add_argument("--no-record", action="store_true", help=f"do not append to {RESULTS.relative_to(ROOT)}")
     parser.add_argument("--child", choices=["raw", "shard"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -171,6 +212,9 @@ def main() -> None:
         return
 
     command = shlex.join(["python", *sys.argv])
+    if args.train:
+        train_main(args, command)
+        return
     corpus = bench_corpus(args.corpus.resolve(), args.min_mb)
     train_tokenizer(corpus, args.vocab, args.text_field)
     kinds = ("shard",) if args.shard_only else ("raw", "shard")
@@ -203,9 +247,8 @@ def main() -> None:
         row.update({"shard MB/s": f"{med['shard']:.2f}", "shard cores": f"{cores['shard']:.2f}",
                     "shard peak RSS": f"{peak['shard']:.0f} MiB"})
     row["load"] = f"{load:.2f}"
-    widths = {k: max(len(k), len(v)) for k, v in row.items()}
-    print("\n" + "  ".join(k.rjust(widths[k]) for k in row))
-    print("  ".join(v.rjust(widths[k]) for k, v in row.items()))
+    print()
+    print_table([row])
     print(f"\ncorpus MB: UTF-8 text, 1 MB = 1e6 bytes; MB/s and cores (CPU seconds / wall seconds, all threads): "
           f"medians of {args.repeats}; load: 1-minute load average at the start")
     if not args.shard_only:
@@ -215,16 +258,42 @@ def main() -> None:
         record(command, row)
 
 
-def record(command: str, row: dict) -> None:
-    if not RESULTS.exists():
-        RESULTS.write_text("# Benchmark results\n\nRows are appended by the bench scripts (`bench/*.py`): "
-                           "date, hardware, the exact command, and its figures.\n\n"
-                           "| date | hardware | command | figures |\n| --- | --- | --- | --- |\n")
-    figures = "; ".join(f"{k} {v}" for k, v in row.items())
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    with open(RESULTS, "a") as f:
-        f.write(f"| {date} | {hardware()} | `{command}` | {figures} |\n")
-    print(f"appended to {RESULTS}")
+TRAIN_GOAL_S, TRAIN_GOAL_GIB = 300, 16  # the issue: 1 GB in at most 5 minutes and 16 GB
+
+
+def train_main(args, command: str) -> None:
+    from pipeline.config import TokenizerConfig
+
+    corpus = bench_corpus(args.corpus.resolve(), args.min_mb, vary=True)
+    docs = None
+    if corpus.suffix == ".jsonl":  # one record per line
+        with open(corpus, "rb") as f:
+            docs = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 24), b""))
+    size_mb = corpus.stat().st_size / MB
+    defaults = TokenizerConfig()
+    load_start = os.getloadavg()[0]
+    print(f"corpus {corpus} ({size_mb:.1f} MB on disk), vocab {args.vocab}, {args.threads} threads, sample "
+          f"{defaults.input_sentence_size:,} chunks of at most {defaults.max_sentence_bytes} bytes, load average "
+          f"{load_start:.2f}", flush=True)
+    result = measure_training(corpus, args)
+    gib = result["tree_peak_mib"] / 1024
+    met = result["seconds"] <= TRAIN_GOAL_S and gib <= TRAIN_GOAL_GIB
+    row = {"corpus MB": f"{size_mb:.1f}", "docs": "-" if docs is None else f"{docs:,}", "vocab": str(args.vocab),
+           "sample chunks": f"{defaults.input_sentence_size:,}", "threads": str(args.threads),
+           "wall s": f"{result['seconds']:.1f}", "stage s": f"{result['stage_seconds']:.1f}",
+           "MB/s": f"{size_mb / result['seconds']:.2f}", "cores": f"{result['cores']:.2f}",
+           "peak RSS (tree)": f"{result['tree_peak_mib']:.0f} MiB",
+           "max process RSS": f"{result['max_process_mib']:.0f} MiB",
+           "goal": f"≤{TRAIN_GOAL_S} s, ≤{TRAIN_GOAL_GIB} GiB " + ("met" if met else "missed"),
+           "load": f"{load_start:.2f}→{os.getloadavg()[0]:.2f}"}
+    print()
+    print_table([row])
+    print("\ncorpus MB: the .jsonl on disk, 1 MB = 1e6 bytes; wall s: the whole `python -m pipeline stages=[tokenize]` "
+          "command (interpreter and imports included), stage s: the stage alone (its completion record); cores: "
+          "CPU seconds of the command / wall seconds; peak RSS (tree): the command and its children summed, sampled "
+          "every 0.1 s; max process RSS: ru_maxrss of the largest one; load: 1-minute load average at start→end")
+    if not args.no_record:
+        record(command, row)
 
 
 if __name__ == "__main__":

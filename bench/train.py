@@ -29,7 +29,7 @@ What each side does, so the comparison is like for like:
              --plain-bf16 autocast instead keeps fp32 weights and runs the forward under torch.autocast
              (a different numerical scheme, and on CPU a slower one: shown for reference only).
 
-Prints a table and, when bench/RESULTS.md exists, appends one dated row per variant to it (with the
+Prints a table and appends one dated row per variant to bench/RESULTS.md (with the
 load average: other work on the machine is the noise). --json PATH keeps every step's times.
 --profile N runs cProfile over N more steps of each pair: own time by source (DeepSpeed's Python, the
 model's, torch ops) for both sides, and the engine's top functions.
@@ -48,7 +48,6 @@ import gc  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import platform  # noqa: E402
 import pstats  # noqa: E402
 import random  # noqa: E402
 import shlex  # noqa: E402
@@ -57,37 +56,23 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from dataclasses import replace  # noqa: E402
-from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from bench.common import hardware, print_table, record  # noqa: E402
 from pipeline.config import DeepSpeedConfig, LaunchConfig, ModelConfig, PrecisionConfig, TrainConfig  # noqa: E402
 from pipeline.metrics import peak_flops  # noqa: E402
 from pipeline.model import Transformer, flops_per_token, num_params  # noqa: E402
 from pipeline.train import (build_optimizer, deepspeed_config, grad_accumulation, init_distributed,  # noqa: E402
                             param_groups)
 
-RESULTS = Path(ROOT) / "bench" / "RESULTS.md"
 # Building a ZeRO 3 engine replaces torch.nn.functional.linear process-wide with DeepSpeed's
 # zero3_linear_wrap (zero_optimization.memory_efficient_linear, on by default) and leaves it so.
 # Each runner steps with the F.linear it was built under: the plain loop always with torch's own.
 TORCH_LINEAR = torch.nn.functional.linear
 GOALS = {0: 0.03, 1: 0.03, 2: 0.03, 3: 0.10}  # allowed overhead of the engine over the plain loop
-
-
-def hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, {os.cpu_count()} CPUs, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} CPUs, {ram:.0f} GiB RAM"
 
 
 def load_model_config(name: str, vocab: int) -> ModelConfig:
@@ -396,7 +381,7 @@ def main() -> None:
     load_start = os.getloadavg()[0]
     device = join_world_of_one()
     peak = peak_flops(device)
-    hw = hardware(device)
+    hw = hardware()
     print(f"# {hw}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
           f"deepspeed {__import__('deepspeed').__version__}")
 
@@ -417,11 +402,8 @@ def main() -> None:
                 if r["profile"]:
                     print(f"\n## cProfile, zero{stage} {precision}, {args.profile} steps\n{r['profile']}", flush=True)
 
-    widths = {k: max(len(k), *(len(row[k]) for row in rows)) for k in rows[0]}
     print()
-    print("  ".join(k.rjust(widths[k]) for k in rows[0]))
-    for row in rows:
-        print("  ".join(v.rjust(widths[k]) for k, v in row.items()))
+    print_table(rows)
     print(f"tokens/step {tokens_per_step:,} (micro batch {args.micro_batch} × seq {args.seq_len} × accum "
           f"{args.grad_accum}); step ms: median of {args.steps} steps after {args.warmup} warmup; paired: median of the "
           f"per-step ratios zeroN/plain@zN - 1 [90% bootstrap interval]; goal: by overhead, '(noise)' where the "
@@ -439,16 +421,12 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"command": command, "hardware": hw, "tokens_per_step": tokens_per_step,
                                          "pairs": raw}, indent=1))
-    if args.no_record or not RESULTS.exists():
+    if args.no_record:
         return
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    load = f"load {load_start:.2f}→{os.getloadavg()[0]:.2f}"  # other work on the machine: the noise
-    with open(RESULTS, "a") as f:
-        for row in rows:
-            figures = "; ".join(f"{k} {v}" for k, v in row.items())
-            f.write(f"| {date} | {hw} | `{command}` | seq_len {args.seq_len}; micro batch {args.micro_batch}; "
-                    f"grad accum {args.grad_accum}; steps {args.steps} (+{args.warmup} warmup); {figures}; {load} |\n")
-    print(f"appended {len(rows)} rows to {RESULTS}")
+    setup = {"seq_len": args.seq_len, "micro batch": args.micro_batch, "grad accum": args.grad_accum,
+             "steps": f"{args.steps} (+{args.warmup} warmup)"}
+    load = f"{load_start:.2f}→{os.getloadavg()[0]:.2f}"  # other work on the machine: the noise
+    record(command, [{**setup, **row, "load": load} for row in rows], hw)
 
 
 if __name__ == "__main__":

@@ -2,18 +2,50 @@
 # Run `python -m pipeline OVERRIDES...` under torchrun, on this node of a (possibly) multi-node job.
 #   NNODES (1)  NODE_RANK (0)  NPROC_PER_NODE (local GPUs, else 2 CPU ranks)
 #   MASTER_ADDR (127.0.0.1)  MASTER_PORT (29500)
+#   RDZV_ID: set it (the same on every node) for a c10d rendezvous at MASTER_ADDR:MASTER_PORT instead of
+#   fixed node ranks (launch/slurm_node.sh does).
 # Every node runs this same command with its own NODE_RANK; run_dir must be on shared storage.
+#
+# Preemption (SIGUSR1 or SIGTERM) belongs to the ranks: each records it, they all stop at the same step
+# with a complete checkpoint and exit 0 (pipeline/control.py). So torchrun must neither die of these
+# signals nor turn them into a shutdown of its own: it ignores them (inherited from here; the ranks
+# install their own handlers) and handles only SIGINT, SIGHUP and SIGQUIT. Whatever reaches this script
+# is passed on to the ranks. The ranks say they stopped for a preemption in $PIPELINE_PREEMPTED_FILE:
+# only then does a non-zero torchrun status (an old torchrun's own shutdown) become exit 0.
 set -euo pipefail
 
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then
   gpus=$(python -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
   NPROC_PER_NODE=$(( gpus > 0 ? gpus : 2 ))
 fi
+if [[ -n "${RDZV_ID:-}" ]]; then
+  placement=(--rdzv_backend c10d --rdzv_endpoint "${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}" --rdzv_id "$RDZV_ID")
+else
+  placement=(--node_rank "${NODE_RANK:-0}" --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}")
+fi
 
-exec torchrun \
-  --nnodes "${NNODES:-1}" \
-  --node_rank "${NODE_RANK:-0}" \
-  --nproc_per_node "${NPROC_PER_NODE}" \
-  --master_addr "${MASTER_ADDR:-127.0.0.1}" \
-  --master_port "${MASTER_PORT:-29500}" \
-  -m pipeline "$@"
+preempted_file=$(mktemp "${TMPDIR:-/tmp}/pipeline-preempted.XXXXXX")
+rm -f "$preempted_file"  # the ranks create it only when they stop for a preemption
+trap 'rm -f "$preempted_file"' EXIT
+
+trap '' USR1 TERM
+PIPELINE_PREEMPTED_FILE="$preempted_file" PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT torchrun \
+  --nnodes "${NNODES:-1}" --nproc_per_node "$NPROC_PER_NODE" "${placement[@]}" \
+  -m pipeline "$@" &
+torchrun=$!
+
+forward() {
+  echo "launch: node ${NODE_RANK:-0}: passing SIG$1 to the ranks" >&2
+  pkill "-$1" -P "$torchrun" -f ' -m pipeline' || true  # the ranks: torchrun's `python -m pipeline` children
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+
+while kill -0 "$torchrun" 2>/dev/null; do wait "$torchrun" || true; done  # a trap ends `wait` early
+status=0
+wait "$torchrun" || status=$?
+if [[ $status -ne 0 && -e "$preempted_file" ]]; then
+  echo "launch: node ${NODE_RANK:-0}: the ranks stopped for a preemption (torchrun status $status)" >&2
+  exit 0
+fi
+exit "$status"

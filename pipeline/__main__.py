@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +17,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from .config import PipelineConfig, register_configs
+from .control import Preempted, install_preemption_handlers, peer_failure, report_preempted
 from .errors import PipelineError
+from .redaction import redact_text
 from .local_launch import RanksFailed
 
 EXIT_ERROR = 2
@@ -40,8 +43,34 @@ def _run(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     with errors_reported(debug=bool(cfg.get("debug", False))):  # inside, or Hydra adds its own line
+        unknown = _unknown_keys(cfg)
+        if unknown:  # `+key=value` slips past the schema, and to_object would drop it without a word
+            raise PipelineError(f"unknown config key(s) {unknown}: check the spelling "
+                                f"(`python -m pipeline --cfg job` lists every key)")
         config: PipelineConfig = OmegaConf.to_object(cfg)
-        run_pipeline(config, OmegaConf.to_container(cfg, resolve=True), list(HydraConfig.get().overrides.task))
+        install_preemption_handlers(config.launch.preempt_signals)  # before any work that a signal could cut
+        # unresolved: local ranks resolve ${oc.env:...} themselves, so no secret lands in their argv
+        overrides = OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
+        run_pipeline(config, OmegaConf.to_container(cfg, resolve=True), overrides)
+
+
+def _unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """Keys of `node` that its dataclass schema lacks (free-form dict fields such as deepspeed.extra
+    are not checked)."""
+    import dataclasses
+
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):
+        return []
+    fields = {f.name for f in dataclasses.fields(schema)}
+    unknown = []
+    for key in node.keys():
+        child = node._get_node(key)
+        if key not in fields:
+            unknown.append(f"{prefix}{key}")
+        elif isinstance(child, DictConfig):
+            unknown += _unknown_keys(child, f"{prefix}{key}.")
+    return unknown
 
 
 def _one_line(exc: BaseException) -> str:
@@ -52,6 +81,9 @@ def _one_line(exc: BaseException) -> str:
     if isinstance(exc.__cause__, OmegaConfBaseException):  # e.g. why an override did not merge
         parts.append(str(exc.__cause__))
     text = " ".join(" ".join(parts).split("Config search path:")[0].split()) or type(exc).__name__
+    if "To append to your config use +" in text:  # the schema is closed: appending the key fails too
+        text = re.sub(r"To append to your config use \+\S+ ", "", text) + \
+            " (check the spelling; `python -m pipeline --cfg job` lists every key)"
     if isinstance(exc, (PipelineError, HydraException, OmegaConfBaseException)):
         return text  # already says what is wrong in the user's terms
     return f"{type(exc).__name__}: {text} (debug=true shows the traceback)"
@@ -64,16 +96,23 @@ def errors_reported(debug: bool):
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
-    except RanksFailed as exc:  # the ranks already printed their error
+    except Preempted as exc:  # a complete checkpoint is written; rerunning resumes: not a failure
+        report_preempted(exc)
+        sys.exit(0)
+    except RanksFailed as exc:  # the ranks already printed their error, unless they could not
+        if exc.message:
+            sys.stderr.write(f"error: {exc.message}\n")
+            sys.stderr.flush()
         sys.exit(exc.exit_code)
     except Exception as exc:
         if debug:
             raise
         rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
         # one write per line: ranks share the terminal. Every rank meets the same bad input;
-        # rank 0 alone reports it as the error line.
-        prefix = "error" if rank == 0 or not isinstance(exc, PipelineError) else f"rank {rank}"
-        sys.stderr.write(f"{prefix}: {_one_line(exc)}\n")
+        # rank 0 alone reports it as the error line. A lost peer is each survivor's own news.
+        peer = peer_failure(exc)
+        prefix = "error" if peer or rank == 0 or not isinstance(exc, PipelineError) else f"rank {rank}"
+        sys.stderr.write(f"{prefix}: {redact_text(peer or _one_line(exc))}\n")  # e.g. a bad value of ${oc.env:X}
         sys.stderr.flush()
         sys.exit(EXIT_ERROR)
 

@@ -13,6 +13,7 @@ from hydra.core.config_store import ConfigStore
 from .errors import PipelineError
 
 STAGES = ("tokenize", "shard", "pretrain", "finetune", "export")
+AUTO = "auto"  # micro_batch_size=auto: probed before training (pipeline/autobatch.py)
 
 
 @dataclass
@@ -34,6 +35,7 @@ class TokenizerConfig:
     input_sentence_size: int = 2_000_000  # training sample, in text chunks (SentencePiece samples)
     character_coverage: float = 0.9995  # the rest falls back to bytes
     max_sentence_bytes: int = 8192  # documents are cut into chunks of at most this many bytes
+    max_sample_mb: float = 500.0  # a seeded share of the chunks, about this much text, is trained on; 0: all
     num_threads: int = 0  # 0: all cores
 
 
@@ -69,7 +71,10 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     seq_len: int = 256
-    micro_batch_size: int = 8  # per rank and forward pass
+    # per rank and forward pass; or "auto", the largest that fits. Any, not Union[int, str], which OmegaConf
+    # supports only from 2.3; validate_training admits a positive int or "auto".
+    micro_batch_size: Any = 8
+    auto_memory_fraction: float = 0.8  # micro_batch_size=auto: share of the device's memory it may fill
     global_batch_size: int = 16  # sequences per optimizer step = micro batch × accumulation × ranks
     max_steps: int = 300
     lr: float = 3e-3
@@ -90,6 +95,11 @@ class TrainConfig:
     keep_last: int = 2
     resume: str = "auto"  # auto: newest complete checkpoint of this run; none; or a checkpoint path
     verify_shards: str = "full"  # full (sha256) | size | off
+    checkpoint_sha256: bool = True  # record every checkpoint file's sha256 (ranks hash in parallel); resume checks it
+    nonfinite: str = "skip"  # non-finite loss or gradient norm: skip the update on every rank, or stop
+    max_nonfinite_skips: int = 5  # consecutive skipped updates (non-finite or spike) tolerated, then stop
+    spike_threshold: Optional[float] = None  # skip an update whose loss > mean + this × std of the last
+    spike_window: int = 50  # ... spike_window updates; null or 0: no spike guard
 
 
 @dataclass
@@ -108,7 +118,7 @@ class FinetuneConfig(TrainConfig):
     eval_exact_match: int = 200  # held-out questions answered greedily before and after; 0: skip
     max_new_tokens: int = 16
     max_steps: int = 200
-    lr: float = 1e-3
+    lr: float = 3e-4  # well below pretraining's: a higher one overwrites what pretraining taught
     warmup_steps: int = 10
     eval_interval: int = 100
     save_interval: int = 200
@@ -147,7 +157,9 @@ class PrecisionConfig:
 class LaunchConfig:
     nproc_per_node: int = 0  # ranks started when not under a launcher; 0: one per GPU, else 2 CPU ranks
     master_port: int = 0  # 0: a free port
-    timeout_s: int = 1800  # process-group timeout
+    timeout_s: int = 600  # process-group timeout for init, the first step and checkpoint saves
+    step_timeout_s: int = 300  # after the first step: a dead or hung rank fails the job this soon; 0: timeout_s
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # checkpoint, exit 0
 
 
 @dataclass
@@ -158,6 +170,7 @@ class WandbConfig:
     name: Optional[str] = None  # default: the run_dir's name
     group: Optional[str] = None
     tags: list[str] = field(default_factory=list)
+    api_key: Optional[str] = None  # prefer WANDB_API_KEY; either way redacted wherever configs are written
 
 
 @dataclass
@@ -198,6 +211,8 @@ def validate(cfg: PipelineConfig) -> None:
         raise PipelineError(f"data.val_fraction={cfg.data.val_fraction} must lie in [0, 1)")
     if cfg.tokenizer.model_type not in ("bpe", "unigram"):
         raise PipelineError(f"tokenizer.model_type={cfg.tokenizer.model_type!r}: choose bpe or unigram")
+    if cfg.tokenizer.max_sample_mb < 0:
+        raise PipelineError(f"tokenizer.max_sample_mb={cfg.tokenizer.max_sample_mb} must be at least 0 (0: no cap)")
     if cfg.tokenizer.vocab_size < MIN_VOCAB and not cfg.tokenizer.path:
         raise PipelineError(f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} is below {MIN_VOCAB}, "
                             f"the 256 byte pieces plus special tokens")
@@ -206,6 +221,70 @@ def validate(cfg: PipelineConfig) -> None:
         raise PipelineError(f"shard.worker_index={index} must lie in [0, shard.num_workers={workers})")
     if cfg.shard.shard_size_mb <= 0 or cfg.shard.batch_mb <= 0:
         raise PipelineError("shard.shard_size_mb and shard.batch_mb must be positive")
+    if cfg.launch.nproc_per_node < 0:
+        raise PipelineError(f"launch.nproc_per_node={cfg.launch.nproc_per_node} must be at least 0 "
+                            f"(0: one rank per GPU, else 2 CPU ranks)")
+    # only for the stages asked for: a bad train.* must not block stages=[tokenize,shard]
+    for key, stage in TRAINING_KEYS:
+        if stage in cfg.stages:
+            validate_training(cfg, key)
+
+
+TRAINING_KEYS = (("train", "pretrain"), ("finetune", "finetune"))  # config key, stage
+SCHEDULES = ("cosine", "constant", "wsd")
+VERIFY_MODES = ("full", "size", "off")
+
+
+def validate_training(cfg: PipelineConfig, key: str) -> None:
+    """train.* or finetune.*: values the training loop divides by, or would take without complaint and
+    fail on (or ignore) hours later."""
+    t: TrainConfig = getattr(cfg, key)
+    micro = t.micro_batch_size
+    if micro != AUTO and (isinstance(micro, bool) or not isinstance(micro, int)):
+        raise PipelineError(f"{key}.micro_batch_size={micro!r}: give a whole number of sequences, or auto")
+    if not 0 < t.auto_memory_fraction <= 1:
+        raise PipelineError(f"{key}.auto_memory_fraction={t.auto_memory_fraction} must lie in (0, 1]")
+    small = [f"{key}.{name}={getattr(t, name)}" for name in ("seq_len", "micro_batch_size", "global_batch_size",
+             "max_steps", "log_interval", "eval_interval", "save_interval") if getattr(t, name) != AUTO
+             and getattr(t, name) < 1]
+    if small:
+        raise PipelineError(f"{', '.join(small)}: must be at least 1")
+    check_batch_layout(t, key, world_size=1)  # the rank count is checked once it is known
+    if t.schedule not in SCHEDULES:
+        raise PipelineError(f"{key}.schedule={t.schedule!r}: choose {', '.join(SCHEDULES)}")
+    if t.verify_shards not in VERIFY_MODES:
+        raise PipelineError(f"{key}.verify_shards={t.verify_shards!r}: choose {', '.join(VERIFY_MODES)}")
+    if t.nonfinite not in ("skip", "stop"):
+        raise PipelineError(f"{key}.nonfinite={t.nonfinite!r}: choose skip or stop")
+    if t.max_nonfinite_skips < 0 or t.spike_window < 2 or (t.spike_threshold or 0) < 0:
+        raise PipelineError(f"{key}.max_nonfinite_skips={t.max_nonfinite_skips}, {key}.spike_window={t.spike_window}, "
+                            f"{key}.spike_threshold={t.spike_threshold}: need at least 0, at least 2, and not negative")
+    if key == "train" or cfg.finetune.init == "pretrain":  # an HF init brings its own architecture
+        model = cfg.model
+        if t.seq_len > model.max_seq_len:
+            raise PipelineError(f"{key}.seq_len={t.seq_len} exceeds model.max_seq_len={model.max_seq_len} of "
+                                f"model={model.name}; lower {key}.seq_len or raise model.max_seq_len")
+        if min(model.dim, model.n_heads, model.n_kv_heads) < 1 or model.dim % model.n_heads \
+                or model.n_heads % model.n_kv_heads or (model.dim // model.n_heads) % 2:
+            raise PipelineError(f"model.dim={model.dim}, model.n_heads={model.n_heads}, model.n_kv_heads="
+                                f"{model.n_kv_heads}: dim must split into n_heads heads of even size, and n_heads "
+                                f"into n_kv_heads groups")
+
+
+def check_batch_layout(t: TrainConfig, key: str, world_size: int) -> None:
+    if t.micro_batch_size == AUTO:  # it picks a divisor of global / ranks: the ranks must divide it
+        if t.global_batch_size % world_size:
+            raise PipelineError(f"{key}.global_batch_size={t.global_batch_size} is not a multiple of the "
+                                f"{world_size} data-parallel ranks, so no {key}.micro_batch_size=auto can divide "
+                                f"it: make it a multiple of {world_size} or change the number of ranks "
+                                f"(launch.nproc_per_node)")
+        return
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise PipelineError(f"{key}.global_batch_size={t.global_batch_size} is not a multiple of "
+                            f"{key}.micro_batch_size × data-parallel ranks = {t.micro_batch_size} × {world_size} = "
+                            f"{per_step}: make it a multiple of {per_step}, or change {key}.micro_batch_size or "
+                            f"the number of ranks (launch.nproc_per_node)")
 
 
 def register_configs() -> None:

@@ -2,7 +2,10 @@
 
 Only `random.Random(seed-derived)` is used (no global random, no salted str `hash()`), so output is
 byte-identical across processes. Every fact is restated in many documents and phrasings so a tiny
-model can learn it; held-out entities get eval questions only, their facts still in the corpus."""
+model can learn it; held-out entities get eval questions only, their facts still in the corpus.
+The instruction set asks each fact two ways: from memory ("recall") and about a short passage given in
+the prompt ("reading"), so a small model that cannot yet hold the whole world still has something an
+instruction-tuned model answers and a base model does not."""
 import hashlib
 import json
 import os
@@ -14,7 +17,7 @@ from typing import Iterator
 
 from .fsutil import fsync_dir
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 DEFAULT_NUM_DOCUMENTS = 10000  # ~4 MB of text, under a second to generate
 NUM_PEOPLE = 400  # even: people come in sibling pairs sharing a surname
 NUM_TOWNS = 36
@@ -73,6 +76,10 @@ class World:
     seed: int
     people: tuple[Person, ...]
     towns: tuple[Town, ...]
+
+    @cached_property
+    def held_out_names(self) -> frozenset[str]:
+        return frozenset(e.name for e in (*self.people, *self.towns) if e.held_out)
 
     @cached_property  # writes the instance __dict__ directly, so it works on a frozen dataclass
     def by_name(self) -> dict[str, Person | Town]:
@@ -239,12 +246,13 @@ def _table(world: World, rng: random.Random) -> str:
 
 
 # Document kind -> relative frequency; person kinds take a protagonist, "town" a town.
-DOC_KINDS = {_biography: 3, _story: 3, _letter: 2, _dialogue: 2, _record: 2, "town": 1.5, "table": 1}
+DOC_KINDS = {_biography: 3, _story: 3, _letter: 2, _dialogue: 2, _record: 2, "town": 1.5, "table": 1, "quiz": 2}
 
 
 def iter_documents(world: World, seed: int, num_documents: int) -> Iterator[str]:
     rng = random.Random(f"{seed}:documents")
     kinds, weights = list(DOC_KINDS), list(DOC_KINDS.values())
+    trainable = [p for p in world.people if not p.held_out]
     # Protagonists come from reshuffled queues, so every entity is covered about equally often.
     people_queue: list[Person] = []
     towns_queue: list[Town] = []
@@ -252,6 +260,8 @@ def iter_documents(world: World, seed: int, num_documents: int) -> Iterator[str]
         kind = rng.choices(kinds, weights)[0]
         if kind == "table":
             yield _table(world, rng)
+        elif kind == "quiz":  # never about held-out people: their Q/A pairs are for evaluation only
+            yield _quiz(world, rng.choice(trainable), rng)
         elif kind == "town":
             towns_queue = towns_queue or rng.sample(world.towns, len(world.towns))
             yield _gazetteer(world, towns_queue.pop(), rng)
@@ -280,17 +290,84 @@ TOWN_QUESTIONS = {
 }
 
 
+# Which passage sentence states the fact a question asks for.
+PERSON_FACT_SENTENCE = {"town": "town", "profession": "job", "pet": "pet", "pet_name": "pet", "colour": "colour",
+                        "food": "food", "born": "born", "sibling": "sibling", "friend": "friend"}
+
+
+def _sentence(world: World, p: Person, fact: str, rng: random.Random, avoid: frozenset[str]) -> str | None:
+    """One phrasing of a fact of p that names nothing in `avoid`, or None when every phrasing does."""
+    for template in rng.sample(FACT_SENTENCES[fact], len(FACT_SENTENCES[fact])):
+        sentence = template.format(**_fields(world, p))
+        if not any(name in sentence for name in avoid):
+            return sentence
+    return None
+
+
+# The kind of word each fact sentence adds to a passage; other people's names count as "person".
+FACT_KIND = {"town": "place", "job": "job", "pet": "pet", "colour": "colour", "food": "food", "born": "year",
+             "sibling": "person", "friend": "person"}
+
+
+def _person_passage(world: World, p: Person, attrs: list[str], rng: random.Random) -> str | None:
+    """Sentences stating `attrs` of p, one more fact of p and, where it adds no competing answer, one fact
+    of somebody of p's split, shuffled. The extra sentences never hold another word of the kind asked for
+    (a second colour for a colour question), so a small model can answer by finding the word of that kind.
+    A passage about a training person never names a held-out person or town (training prompts stay clear
+    of them); None when a fact asked for cannot be stated without one."""
+    avoid = frozenset() if p.held_out else world.held_out_names
+    facts = list(dict.fromkeys(PERSON_FACT_SENTENCE[a] for a in attrs))
+    asked = {FACT_KIND[f] for f in facts}
+    sentences = [_sentence(world, p, fact, rng, avoid) for fact in facts]
+    if None in sentences:
+        return None
+    free = [f for f in rng.sample(list(FACT_SENTENCES), len(FACT_SENTENCES)) if FACT_KIND[f] not in asked]
+    extra = [s for s in (_sentence(world, p, f, rng, avoid) for f in free if f not in facts) if s]
+    if "person" not in asked:  # the stranger's own name would compete with a name answer
+        stranger = rng.choice([q for q in world.people if q.held_out == p.held_out and q.name != p.name])
+        extra[1:] = [s for s in (_sentence(world, stranger, f, rng, avoid) for f in free
+                                 if FACT_KIND[f] != "person") if s][:1]
+    sentences += extra[:2]
+    rng.shuffle(sentences)
+    return " ".join(sentences)
+
+
+def _quiz(world: World, p: Person, rng: random.Random) -> str:
+    """Reading practice in plain text: a passage, then questions it answers (the skill the reading
+    instructions ask for; fine-tuning then only has to teach the chat format)."""
+    attrs = rng.sample(list(PERSON_QUESTIONS), rng.randint(1, 3))
+    # half the answers start their own line, as an assistant's answer does in the chat template
+    separator = rng.choice([" ", "\n"])
+    qa = "".join(f"\n\nQuestion: {rng.choice(PERSON_QUESTIONS[a]).format(**vars(p))}\nAnswer:{separator}"
+                 f"{getattr(p, a)}" for a in attrs)
+    passage = _person_passage(world, p, attrs, rng) or _person_passage(world, p, attrs[:1], rng) or ""
+    return rng.choice(["Reading practice", "Questions on a text", "Quiz"]) + "\n\n" + passage + qa
+
+
+def _town_passage(world: World, t: Town, rng: random.Random) -> str:
+    return _gazetteer(world, t, rng).split("\n\nResidents")[0].split("\n\n", 1)[1]
+
+
 def instructions(world: World, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, eval) Q/A pairs; eval covers only held-out entities, whose facts are still in the corpus."""
+    """(train, eval) Q/A pairs; eval covers only held-out entities, whose facts are still in the corpus.
+
+    Every fact is asked from memory (`task: recall`) and after a passage that states it (`task: reading`)."""
     rng = random.Random(f"{seed}:instructions")
     train, evaluation = [], []
     entities = [(p, PERSON_QUESTIONS) for p in world.people] + [(t, TOWN_QUESTIONS) for t in world.towns]
     for entity, questions in entities:
+        split = evaluation if entity.held_out else train
         for attr, templates in questions.items():
+            answer = str(getattr(entity, attr))
             # Train sees two phrasings per fact (teaches the format); eval asks one.
             for template in rng.sample(templates, 1 if entity.held_out else 2):
-                (evaluation if entity.held_out else train).append(
-                    {"prompt": template.format(**vars(entity)), "response": str(getattr(entity, attr))})
+                split.append({"prompt": template.format(**vars(entity)), "response": answer, "task": "recall"})
+            passage = (_person_passage(world, entity, [attr], rng) if isinstance(entity, Person)
+                       else _town_passage(world, entity, rng))
+            if passage is None:  # it would name a held-out person or town in a training prompt
+                continue
+            split.append({"prompt": passage + "\n\n" + rng.choice(templates).format(**vars(entity)),
+                          "response": answer, "task": "reading"})
     rng.shuffle(train)
     rng.shuffle(evaluation)
     return train, evaluation

@@ -25,8 +25,9 @@ class LaunchInfo:
             return cls()
         rank, world = int(env[keys[0]]), int(env[keys[1]])
         local_rank = int(env.get(keys[2], rank))
-        # SLURM_NTASKS_PER_NODE may read "4(x2)"; the count before the bracket is this node's
-        local_world = int(env.get(keys[3], str(world)).split("(")[0])
+        # SLURM_NTASKS_PER_NODE may read "4(x2)"; the count before the bracket is this node's.
+        # The deepspeed launcher sets LOCAL_SIZE instead of LOCAL_WORLD_SIZE.
+        local_world = int(env.get(keys[3], env.get("LOCAL_SIZE", str(world))).split("(")[0])
         return cls(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world,
                    under_launcher=True)
 
@@ -51,3 +52,59 @@ def export_torch_env(env: dict[str, str] | None = None) -> None:
                LOCAL_WORLD_SIZE=str(info.local_world_size))
     env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))))
     env.setdefault("MASTER_PORT", "29500")
+
+
+def gpus_per_node(env: dict[str, str]) -> int | None:
+    """GPUs SLURM gave this node: SLURM_GPUS_ON_NODE, else --gpus-per-node ("4" or "h100:4")."""
+    for key in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
+        value = env.get(key, "").split(",")[0].rsplit(":", 1)[-1]
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return None
+
+
+def slurm_node_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """What `launch/torchrun.sh` needs on one node of a SLURM job that runs one task per node:
+    NNODES, NODE_RANK, NPROC_PER_NODE, WORLD_SIZE, MASTER_ADDR (the job's first node, where the
+    c10d rendezvous is hosted), MASTER_PORT and RDZV_ID. Variables the user set win."""
+    env = os.environ if env is None else env
+    missing = [k for k in ("SLURM_JOB_ID", "SLURM_NODEID") if k not in env]
+    nnodes = env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES"))
+    nodelist = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST"))
+    if missing or nnodes is None or nodelist is None:
+        raise ValueError("not inside a SLURM job step (SLURM_JOB_ID, SLURM_NODEID, SLURM_JOB_NUM_NODES and "
+                         "SLURM_JOB_NODELIST must be set): run this under srun, one task per node")
+    nproc = env.get("NPROC_PER_NODE") or gpus_per_node(env)
+    if not nproc:
+        from .local_launch import default_nproc  # imports torch: only when SLURM does not say
+
+        nproc = default_nproc()
+    return {"NNODES": str(int(nnodes)), "NODE_RANK": str(int(env["SLURM_NODEID"])), "NPROC_PER_NODE": str(nproc),
+            "WORLD_SIZE": str(int(nnodes) * int(nproc)),
+            "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodelist),
+            # a port per job, so that jobs sharing a node do not collide; stable across requeues
+            "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(env["SLURM_JOB_ID"]) % 20000),
+            "RDZV_ID": env.get("RDZV_ID") or f"slurm-{env['SLURM_JOB_ID']}"}
+
+
+def main(argv: list[str]) -> int:
+    """`python -m pipeline.distributed slurm-env`: shell `export` lines for this node (eval them)."""
+    import shlex
+    import sys
+
+    if argv != ["slurm-env"]:
+        sys.stderr.write("error: usage: python -m pipeline.distributed slurm-env\n")
+        return 2
+    try:
+        variables = slurm_node_env()
+    except ValueError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    print("".join(f"export {key}={shlex.quote(value)}\n" for key, value in variables.items()), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import struct
 from dataclasses import dataclass, fields, replace
@@ -33,6 +32,7 @@ from .config import ModelConfig, PipelineConfig
 from .errors import PipelineError
 from .fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, replace_dir, sha256_file
 from .hf_llama import EMBEDDING_KEY, OUTPUT_KEY, hf_name, to_hf_config
+from .redaction import redact, redact_text
 from .tokenizer import BOS, CHAT_TOKENS, EOS, PAD, UNK, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,8 @@ def checkpoint_tensors(folder: Path) -> dict[str, LazyTensor]:
     if not optim_files:  # ZeRO 0: no partitions, the module holds the weights
         module = _load_trusted(folder / "mp_rank_00_model_states.pt")["module"]
         if any(t.dtype != torch.float32 for t in module.values()):
-            log.warning("export: %s holds 16-bit weights (ZeRO 0 keeps its fp32 masters in the optimizer "
-                        "state): exported as they are", folder)
+            log.warning("%s holds 16-bit weights (ZeRO 0 keeps its fp32 masters in the optimizer state): "
+                        "used as they are", folder)
         return {name: LazyTensor(t.shape, lambda t=t: t) for name, t in module.items()}
     from deepspeed.utils import zero_to_fp32 as z
 
@@ -292,21 +292,6 @@ def write_configs(model_cfg: ModelConfig, dtype_name: str, im_end_id: int, out: 
                                                         torch_dtype=dtype_name, use_cache=True))
 
 
-_SECRET_KEY = re.compile(r"(^|_)(api_?key|key|token|secret|password|passwd|credentials?|auth)($|_)", re.I)
-_SECRET_VALUE = re.compile(r"^(hf_|sk-|ghp_|gho_|xox[bp]-|AKIA)[A-Za-z0-9_\-]{12,}$|^[A-Za-z0-9_\-]{32,}$")
-
-
-def redact(node, key: str = ""):
-    """Config data with credential-like values replaced."""
-    if isinstance(node, dict):
-        return {k: redact(v, str(k)) for k, v in node.items()}
-    if isinstance(node, list):
-        return [redact(v, key) for v in node]
-    if isinstance(node, str) and node and (_SECRET_KEY.search(key) or _SECRET_VALUE.match(node)):
-        return "<redacted>"
-    return node
-
-
 def last_losses(run_dir: Path, stage: str, step: int) -> dict[str, tuple[int, float] | None]:
     """The last train loss and val loss of `stage` logged at or before `step`."""
     found = {"loss": None, "val_loss": None}
@@ -379,7 +364,7 @@ def export_model(cfg: PipelineConfig, run_dir: Path, source: str) -> Path:
     if cfg.export.dtype not in DTYPES:
         raise PipelineError(f"export.dtype={cfg.export.dtype!r}: choose one of {list(DTYPES)}")
     root = run_dir / source / "checkpoints"
-    found = find_resumable(root)
+    found = find_resumable(root, digests=True)  # its files are unpickled below: contents must match the record
     if found is None:
         raise PipelineError(f"no complete {source} checkpoint under {root}: run stages=[{source}] first")
     folder, record = found
@@ -398,8 +383,8 @@ def export_model(cfg: PipelineConfig, run_dir: Path, source: str) -> Path:
         write_weights(tensors, model_cfg, DTYPES[cfg.export.dtype], staging,
                       max(1, int(cfg.export.max_shard_size_gb * 1e9)))
         write_tokenizer(tokenizer_path, staging, model_cfg.max_seq_len)
-        atomic_write_bytes(staging / "README.md",
-                           model_card(run_dir, source, folder, record, model_cfg, cfg.export.dtype).encode())
+        card = model_card(run_dir, source, folder, record, model_cfg, cfg.export.dtype)
+        atomic_write_bytes(staging / "README.md", redact_text(card).encode())
         write_configs(model_cfg, cfg.export.dtype, sp.piece_to_id(IM_END), staging)
         fsync_dir(staging)
         replace_dir(staging, target)

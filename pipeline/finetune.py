@@ -10,8 +10,6 @@ reference answers; both accuracies go to metrics.jsonl and the log.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import time
@@ -21,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from . import autobatch
 from .config import ModelConfig, PipelineConfig
 from .errors import PipelineError
 from .metrics import MetricsLogger
@@ -126,27 +125,17 @@ def init_state_dict(source: InitSource, model_cfg: ModelConfig) -> dict[str, tor
 
 
 def pretrain_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """fp32 weights of one of our DeepSpeed checkpoints, whatever its ZeRO stage and rank count.
-
-    ZeRO 1-3 checkpoints keep the fp32 master weights in their optimizer shards: zero_to_fp32 merges them
-    (reading the mmapped shards, not the Adam moments). Without ZeRO (stage 0) the model-states file holds
-    the module; with bf16 that is the bf16 copy, so the weights are then bf16-rounded."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """fp32 weights of one of our DeepSpeed checkpoints, whatever its ZeRO stage and rank count (the
+    export stage's reader: ZeRO 1-3 give their fp32 master weights; ZeRO 0 with bf16 only holds the
+    bf16 module, which is then used as it is)."""
+    from .export import checkpoint_tensors
 
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints progress on every rank
-            return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        reason = exc
-    states = folder / "mp_rank_00_model_states.pt"
-    if not states.is_file():
-        raise PipelineError(f"cannot read the weights of {folder} ({reason})")
-    # DeepSpeed's own pickled file, written by this run (as checkpoint.py notes: trusted by design)
-    module = torch.load(states, map_location="cpu", weights_only=False)["module"]
-    if any(t.dtype != torch.float32 for t in module.values() if t.is_floating_point()):
-        log.warning("finetune: %s has no ZeRO fp32 master weights; starting from its %s module weights", folder,
-                    next(iter(module.values())).dtype)
-    return {name: t.float() if t.is_floating_point() else t for name, t in module.items()}
+        tensors = checkpoint_tensors(folder)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise PipelineError(f"cannot read the weights of {folder} ({exc})") from None
+    weights = {name: t.load() for name, t in tensors.items()}
+    return {name: t.float() if t.is_floating_point() else t for name, t in weights.items()}
 
 
 def load_init_weights(model: torch.nn.Module, source: InitSource) -> None:
@@ -181,11 +170,13 @@ def greedy(module: torch.nn.Module, prompts: torch.Tensor, steps: int) -> torch.
 
 @torch.no_grad()
 def exact_match(module: torch.nn.Module, questions: list, sp, max_new_tokens: int, device: torch.device,
-                batch_size: int = GENERATION_BATCH) -> tuple[int, int]:
-    """(correct, total) over all ranks. Each rank answers a disjoint slice greedily; every rank makes the
-    same number of forward calls (ZeRO 3 gathers parameters collectively): prompts of equal length are
-    batched, ranks with fewer batches run dummy ones, and every generation runs all max_new_tokens steps.
-    The answer is the text before <|im_end|> (or </s>), stripped; it must equal the reference stripped."""
+                batch_size: int = GENERATION_BATCH) -> tuple[int, int, list[str] | None]:
+    """(correct, total, answers) over all ranks; `answers` (in question order) on rank 0 only, else None.
+
+    Each rank answers a disjoint slice greedily; every rank makes the same number of forward calls (ZeRO 3
+    gathers parameters collectively): prompts of equal length are batched, ranks with fewer batches run
+    dummy ones, and every generation runs all max_new_tokens steps. The answer is the text before
+    <|im_end|> (or </s>), stripped; it must equal the reference stripped."""
     from .chat import IM_END
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -193,11 +184,9 @@ def exact_match(module: torch.nn.Module, questions: list, sp, max_new_tokens: in
     if limit < 1:
         raise PipelineError(f"finetune.max_new_tokens={max_new_tokens} leaves no room for a prompt within "
                             f"max_seq_len={module.cfg.max_seq_len}")
-    mine = questions[rank::world]
-    by_length: dict[int, list] = {}
-    for q in mine:
-        ids = q.prompt_ids[-limit:]  # a prompt too long for the context keeps its end
-        by_length.setdefault(len(ids), []).append((ids, q.reference))
+    by_length: dict[int, list[int]] = {}
+    for index in range(rank, len(questions), world):
+        by_length.setdefault(len(questions[index].prompt_ids[-limit:]), []).append(index)
     batches = [group[i:i + batch_size] for _, group in sorted(by_length.items())
                for i in range(0, len(group), batch_size)]
     count = torch.tensor([len(batches)], device=device)
@@ -205,33 +194,69 @@ def exact_match(module: torch.nn.Module, questions: list, sp, max_new_tokens: in
     stops = {sp.piece_to_id(IM_END), sp.eos_id()}
     was_training = module.training
     module.eval()
-    correct = 0
+    answers: dict[int, str] = {}
     try:
         for b in range(int(count.item())):
             if b >= len(batches):  # keeps this rank's forward calls in step with the others
                 greedy(module, torch.zeros((1, 1), dtype=torch.long, device=device), max_new_tokens)
                 continue
-            prompts = torch.tensor([ids for ids, _ in batches[b]], device=device)
-            out = greedy(module, prompts, max_new_tokens).tolist()
-            for new_ids, (_, reference) in zip(out, batches[b]):
+            # a prompt too long for the context keeps its end
+            prompts = torch.tensor([questions[i].prompt_ids[-limit:] for i in batches[b]], device=device)
+            for index, new_ids in zip(batches[b], greedy(module, prompts, max_new_tokens).tolist()):
                 cut = next((i for i, t in enumerate(new_ids) if t in stops), len(new_ids))
-                correct += sp.decode(new_ids[:cut]).strip() == reference.strip()
+                answers[index] = sp.decode(new_ids[:cut]).strip()
     finally:
         module.train(was_training)
-    totals = torch.tensor([correct, len(mine)], device=device, dtype=torch.int64)
+    correct = sum(answer == questions[i].reference.strip() for i, answer in answers.items())
+    totals = torch.tensor([correct, len(answers)], device=device, dtype=torch.int64)
     dist.all_reduce(totals)
-    return int(totals[0]), int(totals[1])
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object(answers, gathered, dst=0)
+    ordered = None
+    if rank == 0:
+        merged = {i: a for part in gathered for i, a in part.items()}
+        ordered = [merged[i] for i in range(len(questions))]
+    return int(totals[0]), int(totals[1]), ordered
 
 
-def log_exact_match(metrics: MetricsLogger, module, data, sp, cfg, device, step: int, when: str) -> float | None:
+def answers_path(run_dir: Path, when: str) -> Path:
+    return run_dir / "finetune" / f"exact_match_{when}.jsonl"
+
+
+def log_exact_match(metrics: MetricsLogger, module, data, sp, cfg: PipelineConfig, run_dir: Path,
+                    device: torch.device, step: int, when: str) -> dict[str, float] | None:
+    """Exact match on the held-out questions: a metrics record (overall, and per task where the records
+    name one), and every answer in run_dir/finetune/exact_match_<when>.jsonl (rank 0) to read what the
+    model says. Returns {"all": accuracy, task: accuracy, ...} on rank 0."""
     if not data.questions:
         return None
     started = time.perf_counter()
-    correct, total = exact_match(module, data.questions, sp, cfg.finetune.max_new_tokens, device)
-    accuracy = correct / total
-    metrics.log({"step": step, "exact_match": accuracy, "exact_match_correct": correct, "exact_match_total": total,
-                 "exact_match_when": when, "exact_match_s": round(time.perf_counter() - started, 2)})
+    correct, total, answers = exact_match(module, data.questions, sp, cfg.finetune.max_new_tokens, device)
+    record = {"step": step, "exact_match": correct / total, "exact_match_correct": correct,
+              "exact_match_total": total, "exact_match_when": when}
+    if answers is None:  # not rank 0
+        return None
+    right = [a == q.reference.strip() for q, a in zip(data.questions, answers)]
+    accuracy = {"all": correct / total}
+    for task in sorted({q.task for q in data.questions if q.task}):
+        marks = [r for r, q in zip(right, data.questions) if q.task == task]
+        accuracy[task] = record[f"exact_match_{task}"] = sum(marks) / len(marks)
+    metrics.log({**record, "exact_match_s": round(time.perf_counter() - started, 2)})
+    from .fsutil import atomic_write_bytes
+
+    rows = [{"step": step, "prompt": q.prompt, "reference": q.reference, "answer": a, "correct": r,
+             "task": q.task, "source": q.source} for q, a, r in zip(data.questions, answers, right)]
+    path = answers_path(run_dir, when)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode())
     return accuracy
+
+
+def describe_accuracy(accuracy: dict[str, float] | None) -> str:
+    if accuracy is None:
+        return "not measured (resumed run)"
+    tasks = ", ".join(f"{task} {value:.3f}" for task, value in accuracy.items() if task != "all")
+    return f"{accuracy['all']:.3f}" + (f" ({tasks})" if tasks else "")
 
 
 # -- the stage ----------------------------------------------------------------------------------
@@ -252,7 +277,6 @@ def main(cfg: PipelineConfig, run_dir: Path, resolved_config: dict) -> None:
     ft = cfg.finetune
     device = init_distributed(cfg.launch)
     rank, world = dist.get_rank(), dist.get_world_size()
-    grad_accum = grad_accumulation(ft, world)
     resuming = will_resume(cfg, run_dir)
     source = resolve_init(cfg, run_dir, need_weights=not resuming)
     sp = load_tokenizer(source.tokenizer)
@@ -271,6 +295,9 @@ def main(cfg: PipelineConfig, run_dir: Path, resolved_config: dict) -> None:
                                  num_documents=cfg.data.default_num_documents)
         dist.barrier()
     data = sft_data.build(ft.data, default_instructions_dir(run_dir), sp, ft.seq_len, ft.pack, ft.eval_exact_match)
+    # micro_batch_size=auto: probed now, before the loaders and the engine are built from it
+    ft = autobatch.resolve(ft, "finetune", model_cfg, cfg.deepspeed, cfg.precision, device)
+    grad_accum = grad_accumulation(ft, world)
     pin = device.type == "cuda"
     loader = sft_data.SFTLoader(data.train, ft.micro_batch_size, ft.global_batch_size, dp_rank=rank, dp_world=world,
                                 seed=ft.seed, pin_memory=pin)
@@ -307,16 +334,15 @@ def main(cfg: PipelineConfig, run_dir: Path, resolved_config: dict) -> None:
     trainer.resume()
     before = None
     if trainer.state.step == 0:
-        before = log_exact_match(metrics, engine.module, data, sp, cfg, device, 0, "before")
+        before = log_exact_match(metrics, engine.module, data, sp, cfg, run_dir, device, 0, "before")
     if trainer.state.step >= ft.max_steps:
         log.info("finetune: already at step %d of finetune.max_steps=%d", trainer.state.step, ft.max_steps)
     else:
         trainer.fit()
-    after = log_exact_match(metrics, engine.module, data, sp, cfg, device, trainer.state.step, "after")
-    if rank == 0 and after is not None:
-        shown = "not measured (resumed run)" if before is None else f"{before:.3f}"
-        log.info("finetune: exact match on %d held-out questions: before %s, after %.3f", len(data.questions),
-                 shown, after)
+    after = log_exact_match(metrics, engine.module, data, sp, cfg, run_dir, device, trainer.state.step, "after")
+    if after is not None:  # rank 0
+        log.info("finetune: exact match on %d held-out questions: before %s, after %s", len(data.questions),
+                 describe_accuracy(before), describe_accuracy(after))
     metrics.finish()
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .config import WandbConfig
+from .redaction import redact, redact_values
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def peak_flops(device: torch.device) -> float | None:
 def wandb_mode(cfg: WandbConfig) -> str:
     if cfg.mode:
         return cfg.mode
-    return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") or cfg.api_key else "offline")
 
 
 class MetricsLogger:
@@ -42,16 +43,19 @@ class MetricsLogger:
         if enabled and wandb_mode(wandb_cfg) != "disabled":
             import wandb
 
-            self._wandb = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity,
-                                     name=wandb_cfg.name or f"{run_dir.name}-{stage}", group=wandb_cfg.group,
-                                     tags=list(wandb_cfg.tags), config=config, dir=str(run_dir),
-                                     mode=wandb_mode(wandb_cfg), job_type=stage, resume="allow",
-                                     id=f"{run_dir.name}-{stage}".replace("/", "-")[:64])
+            # what wandb stores and shows is redacted; the key itself goes to wandb's settings only
+            shown = redact({"name": wandb_cfg.name or f"{run_dir.name}-{stage}", "group": wandb_cfg.group,
+                            "tags": list(wandb_cfg.tags), "config": config})
+            settings = wandb.Settings(api_key=wandb_cfg.api_key) if wandb_cfg.api_key else None
+            self._wandb = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, name=shown["name"],
+                                     group=shown["group"], tags=shown["tags"], config=shown["config"],
+                                     dir=str(run_dir), mode=wandb_mode(wandb_cfg), job_type=stage, resume="allow",
+                                     id=f"{run_dir.name}-{stage}".replace("/", "-")[:64], settings=settings)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        record = {"stage": self.stage, **{k: _plain(v) for k, v in record.items()}}
+        record = redact_values({"stage": self.stage, **{k: _plain(v) for k, v in record.items()}})
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         shown = " ".join(f"{k}={_short(v)}" for k, v in record.items() if k != "stage" and v is not None)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from . import autobatch
 from .config import PipelineConfig
 from .errors import PipelineError
 from .metrics import MetricsLogger
@@ -28,7 +29,6 @@ def main(cfg: PipelineConfig, run_dir: Path, resolved_config: dict) -> None:
     device = init_distributed(cfg.launch)
     rank, world = dist.get_rank(), dist.get_world_size()
     train = cfg.train
-    grad_accum = grad_accumulation(train, world)
     sp = load_tokenizer(run_dir / "tokenizer" / "tokenizer.model")
     model_cfg = replace(cfg.model, vocab_size=cfg.model.vocab_size or sp.get_piece_size())
     if model_cfg.vocab_size < sp.get_piece_size():
@@ -40,6 +40,9 @@ def main(cfg: PipelineConfig, run_dir: Path, resolved_config: dict) -> None:
     shards = run_dir / "shards"
     tokenizer_path = run_dir / "tokenizer" / "tokenizer.model"
     stream = open_split(shards, "train", tokenizer_path, verify=train.verify_shards)
+    # micro_batch_size=auto: probed now, before the loader and the engine are built from it
+    train = autobatch.resolve(train, "train", model_cfg, cfg.deepspeed, cfg.precision, device)
+    grad_accum = grad_accumulation(train, world)
     loader = PretrainLoader(stream, train.seq_len, train.micro_batch_size, train.global_batch_size,
                             dp_rank=rank, dp_world=world, seed=train.seed, pin_memory=device.type == "cuda")
     val = open_split(shards, "val", tokenizer_path, verify=train.verify_shards, required=False)

@@ -22,10 +22,12 @@ import yaml
 
 from . import __version__
 from .config import PipelineConfig, validate
+from .control import stop_if_preempted
 from .corpus import Corpus, files_fingerprint, resolve_paths
 from .distributed import LaunchInfo
 from .errors import PipelineError
 from .fsutil import atomic_write_bytes, atomic_write_json, sha256_file
+from .redaction import install_log_redaction, redact
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +117,7 @@ def run_shard(ctx: Context) -> list[Path]:
 
     manifest = shard_corpus(ctx.open_corpus(), ctx.cfg, ctx.tokenizer_path, ctx.run_dir)
     shards = ctx.run_dir / "shards"
-    if ctx.cfg.shard.worker_index is not None:  # one part of several: the merge consumes it
+    if ctx.cfg.shard.worker_index is not None and ctx.cfg.shard.num_workers > 1:  # a part: the merge consumes it
         return [ctx.run_dir / "shards.parts" / f"w{ctx.cfg.shard.worker_index:03d}" / "part.json"]
     files = [shards / MANIFEST]
     for split, body in manifest["splits"].items():
@@ -194,6 +196,7 @@ def prepare_run_dir(cfg: PipelineConfig) -> Path:
 def run_pipeline(cfg: PipelineConfig, resolved: dict, overrides: list[str]) -> None:
     """Run the requested stages; `resolved` is the whole config as plain data, `overrides` the
     command line (replayed on the local ranks that distributed stages start)."""
+    install_log_redaction()  # no secret value reaches the console (pipeline/redaction.py)
     validate(cfg)
     launch = LaunchInfo.from_env()
     auto_split = launch.world_size > 1 and cfg.shard.num_workers == 1 and cfg.shard.worker_index is None
@@ -203,10 +206,11 @@ def run_pipeline(cfg: PipelineConfig, resolved: dict, overrides: list[str]) -> N
                                          encode_threads=threads))
     ctx = Context(cfg=cfg, run_dir=prepare_run_dir(cfg), launch=launch, resolved=resolved)
     if launch.rank == 0:
-        atomic_write_bytes(ctx.run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
+        atomic_write_bytes(ctx.run_dir / "config.yaml", yaml.safe_dump(redact(resolved), sort_keys=False).encode())
     stages = [stage for stage in PIPELINE if stage.name in cfg.stages]
     while stages:
         stage = stages.pop(0)
+        stop_if_preempted(stage.name)  # no stage starts after a preemption signal (pipeline/control.py)
         if stage.distributed and not launch.under_launcher:
             # this process starts local ranks for this run of distributed stages, then goes on
             from .local_launch import run_local_ranks
@@ -216,13 +220,53 @@ def run_pipeline(cfg: PipelineConfig, resolved: dict, overrides: list[str]) -> N
                 group.append(stages.pop(0))
             stale = [s.name for s in group if cfg.force or not stage_is_current(s, ctx)]
             if stale:
-                run_local_ranks(cfg, overrides, stale)
-        elif stage.name == "shard" and cfg.shard.worker_index is not None:
+                preflight(ctx, stale)
+                os.environ[PARENT_REPORTS] = "1"  # the local ranks inherit it: this process writes the report
+                try:
+                    run_local_ranks(cfg, overrides, stale)
+                finally:
+                    os.environ.pop(PARENT_REPORTS, None)
+        elif stage.name == "shard" and cfg.shard.worker_index is not None and cfg.shard.num_workers > 1:
             run_shard_part(stage, ctx, merge=auto_split)
         elif stage.rank_zero_only and launch.rank != 0:
             wait_for_record(stage, ctx)
         else:
             run_stage(stage, ctx)
+    if launch.rank == 0 and not (launch.under_launcher and os.environ.get(PARENT_REPORTS)):
+        from .report import report_at_end
+
+        report_at_end(ctx.run_dir)  # charts, report.md, and where everything is; never fails the run
+
+
+PARENT_REPORTS = "PIPELINE_PARENT_REPORTS"
+
+
+def preflight(ctx: Context, stages: list[str]) -> None:
+    """What the local ranks of `stages` would refuse anyway, checked before they start: a bad config then
+    fails in a second, with one message, not after every rank has started up. The ranks check it all
+    again (under an external launcher nothing runs this)."""
+    from .config import TRAINING_KEYS, check_batch_layout
+    from .local_launch import default_nproc
+
+    cfg = ctx.cfg
+    for key, stage in TRAINING_KEYS:
+        if stage in stages:
+            check_batch_layout(getattr(cfg, key), key, cfg.launch.nproc_per_node or default_nproc())
+            resume = getattr(cfg, key).resume
+            if resume not in ("auto", "none") and not Path(resume).expanduser().is_dir():
+                raise PipelineError(f"{key}.resume={resume!r} is not a folder: give auto, none or a checkpoint "
+                                    f"folder such as {ctx.run_dir / stage / 'checkpoints' / 'step_00000100'}")
+    if "pretrain" in stages:
+        from .data import open_split
+
+        # manifest, tokenizer, file sizes: cheap; hashing every shard is left to the ranks
+        verify = "off" if cfg.train.verify_shards == "off" else "size"
+        for split in ("train", "val"):
+            open_split(ctx.run_dir / "shards", split, ctx.tokenizer_path, verify, required=split == "train")
+    if "finetune" in stages and (cfg.finetune.init != "pretrain" or "pretrain" not in stages):
+        from .finetune import resolve_init, will_resume
+
+        resolve_init(cfg, ctx.run_dir, need_weights=not will_resume(cfg, ctx.run_dir))
 
 
 def stage_is_current(stage: Stage, ctx: Context) -> bool:
@@ -248,7 +292,7 @@ def run_stage(stage: Stage, ctx: Context, marker_name: str | None = None) -> Non
     started = time.time()
     outputs = stage.run(ctx)
     if leader:
-        record = {"stage": stage.name, "inputs_sha256": digest, "inputs": inputs, "version": __version__,
+        record = {"stage": stage.name, "inputs_sha256": digest, "inputs": redact(inputs), "version": __version__,
                   "seconds": round(time.time() - started, 3), "outputs": describe_outputs(outputs, ctx.run_dir)}
         atomic_write_json(marker, record)
 

@@ -45,6 +45,7 @@ DEFAULT_TRAIN, DEFAULT_EVAL = "instructions_train.jsonl", "instructions_eval.jso
 class Conversation:
     messages: list[dict]  # [{"role", "content"}], at least one assistant turn
     source: str  # "file, record i": where errors and logs point
+    task: str = ""  # a record's optional "task" field: exact match is also reported per task
 
     def question(self) -> tuple[list[dict], str]:
         """(the messages before the last assistant turn, that turn's content): an exact-match item."""
@@ -122,7 +123,8 @@ def load_conversations(paths: Iterable[Path]) -> list[Conversation]:
         before = len(out)
         for index, record in enumerate(read_records(path)):
             where = f"{path}, record {index} (counting from 0)"
-            out.append(Conversation(to_messages(record, where), f"{path}#{index}"))
+            task = record.get("task")
+            out.append(Conversation(to_messages(record, where), f"{path}#{index}", task if isinstance(task, str) else ""))
         if len(out) == before:
             log.warning("%s holds no record", path)
     return out
@@ -457,15 +459,20 @@ class Question:
     prompt_ids: list[int]  # the rendered conversation up to and including "<|im_start|>assistant\n"
     reference: str
     source: str = ""
+    prompt: str = ""  # the last user turn, for reading the answers
+    task: str = ""
 
 
 def exact_match_questions(conversations: list[Conversation], sp, limit: int) -> list[Question]:
     """The first `limit` held-out conversations as greedy-answer questions (the prompt encoded whole,
     with the generation prompt, exactly as HF apply_chat_template(add_generation_prompt=True) renders it)."""
-    items = [c.question() + (c.source,) for c in conversations[:max(0, limit)]]
-    texts = [render(prompt, add_generation_prompt=True)[0] for prompt, _, _ in items]
+    chosen = conversations[:max(0, limit)]
+    items = [c.question() for c in chosen]
+    texts = [render(prompt, add_generation_prompt=True)[0] for prompt, _ in items]
     encoded = sp.encode(texts) if texts else []
-    return [Question(list(ids), reference, source) for ids, (_, reference, source) in zip(encoded, items)]
+    return [Question(list(ids), reference, c.source,
+                     next((m["content"] for m in reversed(prompt) if m["role"] == "user"), ""), c.task)
+            for ids, (prompt, reference), c in zip(encoded, items, chosen)]
 
 
 @dataclass

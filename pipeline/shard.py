@@ -17,6 +17,7 @@ import shutil
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
@@ -171,7 +172,8 @@ def shard_corpus(corpus: Corpus, cfg: PipelineConfig, tokenizer_path: Path, run_
     workers, index = cfg.shard.num_workers, cfg.shard.worker_index
     if workers == 1:
         staging = fresh_dir(run_dir / "shards.tmp")
-        manifest = write_shards(corpus, cfg, tokenizer_path, staging)
+        with removed_on_error(staging):
+            manifest = write_shards(corpus, cfg, tokenizer_path, staging)
         atomic_write_json(staging / MANIFEST, manifest)
         replace_dir(staging, run_dir / "shards")
         return manifest
@@ -180,10 +182,21 @@ def shard_corpus(corpus: Corpus, cfg: PipelineConfig, tokenizer_path: Path, run_
         return merge_parts(parts, workers, run_dir / "shards")
     parts.mkdir(parents=True, exist_ok=True)
     staging = fresh_dir(parts / f"w{index:03d}.tmp")
-    manifest = write_shards(corpus, cfg, tokenizer_path, staging, workers, index, name_prefix=f"w{index:03d}-")
+    with removed_on_error(staging):
+        manifest = write_shards(corpus, cfg, tokenizer_path, staging, workers, index, name_prefix=f"w{index:03d}-")
     atomic_write_json(staging / PART_MANIFEST, {**manifest, "part": index, "num_parts": workers})
     replace_dir(staging, parts / f"w{index:03d}")
     return manifest
+
+
+@contextmanager
+def removed_on_error(staging: Path) -> Iterator[None]:
+    """Bad input leaves no half-written staging folder (a killed run's is discarded by the next run)."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def merge_parts(parts: Path, workers: int, final: Path) -> dict:

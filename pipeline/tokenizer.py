@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import random
 import re
 from pathlib import Path
 from typing import Iterator
@@ -30,12 +31,15 @@ CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 
 def load_tokenizer(path: Path) -> spm.SentencePieceProcessor:
+    if Path(path).is_dir():
+        raise PipelineError(f"tokenizer {path} is a folder: point tokenizer.path at the SentencePiece .model file")
     if not Path(path).is_file():
         raise PipelineError(f"tokenizer {path} does not exist: run stages=[tokenize] or set tokenizer.path=")
     try:
         sp = spm.SentencePieceProcessor(model_file=str(path))
     except (RuntimeError, OSError) as exc:
-        raise PipelineError(f"tokenizer {path} is not a SentencePiece model ({str(exc).splitlines()[0]})") from exc
+        raise PipelineError(f"tokenizer {path} is not a SentencePiece model ({str(exc).splitlines()[0]}): point "
+                            f"tokenizer.path at a SentencePiece .model file, or leave it unset to train one") from exc
     if sp.eos_id() < 0:
         raise PipelineError(f"tokenizer {path} has no end-of-sequence token (</s>); train one with this stage")
     return sp
@@ -68,11 +72,23 @@ def training_chunks(texts: Iterator[str], max_bytes: int) -> Iterator[str]:
 def train_tokenizer(corpus: Corpus, cfg: TokenizerConfig, out_path: Path, seed: int) -> None:
     threads = cfg.num_threads or os.cpu_count() or 1
     progress = tqdm(desc="tokenize: reading", unit="doc", unit_scale=True, mininterval=1.0)
+    # SentencePiece holds its whole sample in memory, and input_sentence_size counts chunks of up to
+    # max_sentence_bytes (2M x 8 KiB = 16 GB): long documents also need a cap in bytes. A seeded share of the
+    # chunks (not documents: one huge document must not be all or nothing), from the corpus's size on disk,
+    # keeps about max_sample_mb of text (less for JSON, whose quoting counts on disk; more for compressed parquet).
+    disk_bytes = sum(Path(p).stat().st_size for p in corpus.paths)
+    keep = min(1.0, cfg.max_sample_mb * 1e6 / disk_bytes) if cfg.max_sample_mb and disk_bytes else 1.0
+    sampler = random.Random(seed)
+    if keep < 1:
+        log.info("tokenize: %.1f%% of the text sampled for training (%.0f MB on disk, tokenizer.max_sample_mb=%g)",
+                 100 * keep, disk_bytes / 1e6, cfg.max_sample_mb)
 
     def sentences() -> Iterator[str]:
         for text in corpus.texts():
             progress.update()
-            yield from training_chunks([text], cfg.max_sentence_bytes)
+            for chunk in training_chunks([text], cfg.max_sentence_bytes):
+                if keep == 1 or sampler.random() < keep:
+                    yield chunk
 
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)  # sampling and shuffling: the same corpus gives the same model

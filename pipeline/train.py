@@ -2,7 +2,8 @@
 
 Parallelism is applied here, outside the model: the model is a plain nn.Module and
 `deepspeed.initialize` wraps it with the ZeRO stage and precision from the config groups.
-The loop keeps the host out of the step: losses stay on the device and are read only at log
+The loop keeps the host out of the step: losses stay on the device, read once per step for the
+non-finite check (one host sync, as DeepSpeed's own overflow check costs) and otherwise only at log
 intervals; the learning rate is a pure function of the step, so resuming restores it exactly.
 """
 from __future__ import annotations
@@ -12,7 +13,8 @@ import math
 import os
 import resource
 import time
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Iterable
@@ -20,10 +22,12 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from . import control
 from .checkpoint import find_resumable, load_checkpoint, save_checkpoint, verify
 from .config import DeepSpeedConfig, LaunchConfig, PrecisionConfig, TrainConfig
 from .errors import PipelineError
 from .metrics import MetricsLogger, peak_flops
+from .redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,7 @@ def init_distributed(launch: LaunchConfig) -> torch.device:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=launch.timeout_s),
                                    auto_mpi_discovery=False)
+    control.setup(launch.timeout_s, launch.step_timeout_s)
     return device
 
 
@@ -149,6 +154,7 @@ def initialize_engine(model: torch.nn.Module, optimizer, config: dict, zero_stag
     import deepspeed
 
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    engine.config = redact(engine.config)  # DeepSpeed pickles this dict into every checkpoint (ds_config)
     wrapper = engine.optimizer
     if zero_stage == 0 and hasattr(wrapper, "refresh_fp32_params"):
         wrapper.optimizer.state.clear()
@@ -171,6 +177,10 @@ class TrainerState:
     tokens_seen: int = 0
     loader: dict | None = None
     model: dict | None = None  # the ModelConfig that built the weights (export rebuilds it from here)
+    nonfinite_skips: int = 0  # updates skipped for a non-finite loss or gradient norm
+    spike_skips: int = 0  # updates skipped by the loss-spike guard
+    consecutive_skips: int = 0
+    loss_history: list = field(default_factory=list)  # spike guard: the last losses of applied updates
 
 
 class Trainer:
@@ -194,16 +204,19 @@ class Trainer:
         if choice == "none":
             self._set_aside_old_checkpoints()
             return
-        if choice == "auto":
-            found = find_resumable(self.checkpoint_root)
+        if choice == "auto":  # sizes and sha256 of every file, hashed by all ranks together
+            found = find_resumable(self.checkpoint_root, digests=True, collective=True)
             if found is None:
                 return
-            folder = found[0]
+            folder, record = found
         else:
             folder = Path(choice).expanduser().resolve()
             if not folder.is_dir():
                 raise PipelineError(f"train.resume={choice!r} is not a checkpoint folder")
-        record, _ = verify(folder)
+            record, problem = verify(folder, digests=True, collective=True)
+            if record is None:  # DeepSpeed's files are pickles: never load what the record does not vouch for
+                raise PipelineError(f"refusing to resume from {folder}: {problem}; give another checkpoint "
+                                    f"folder, or train.resume=auto for the newest one that verifies")
         saved_model = (record or {}).get("trainer_state", {}).get("model")
         # switches that change how the model runs, not its weights, may differ across a resume
         runtime_only = {"name", "compile", "activation_checkpointing", "dropout"}
@@ -236,39 +249,127 @@ class Trainer:
     def fit(self) -> TrainerState:
         train, engine = self.train, self.engine
         loss_sum = torch.zeros((), device=self.device)
-        steps_in_window, window_start = 0, time.perf_counter()
+        steps_in_window, loss_steps, window_start = 0, 0, time.perf_counter()
         engine.train()
         while self.state.step < train.max_steps:
             lr = lr_at(self.state.step, train)
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
             micro_batches = self.loader.next_global_batch()
-            for inputs, labels in micro_batches:
+            step_loss = torch.zeros((), device=self.device)
+            poison = _test_loss_factor(self.state.step + 1)
+            for index, (inputs, labels) in enumerate(micro_batches):
                 inputs = inputs.to(self.device, non_blocking=True)
                 labels = labels.to(self.device, non_blocking=True)
                 _, loss = engine(inputs, labels)
+                if poison is not None and index == 0:
+                    loss = loss * poison  # test hook: a NaN (or spiking) loss, and its gradients
                 engine.backward(loss)
+                step_loss += loss.detach() / len(micro_batches)
+                if index < len(micro_batches) - 1:
+                    engine.step()  # accumulation only: the last micro batch's step is the update
+            skip = self._skip_reason(step_loss)  # collective: the same answer on every rank
+            discarded = engine.skipped_steps
+            with update_withheld(engine) if skip else nullcontext():
                 engine.step()
-                loss_sum += loss.detach() / len(micro_batches)
+            if not skip and engine.skipped_steps > discarded and not engine.fp16_enabled():
+                # DeepSpeed's ZeRO and bf16 optimizers drop an update whose (global) gradient norm is not
+                # finite; in fp16 that is routine loss scaling, counted in skipped_steps
+                skip = "non-finite gradient norm"
+            if skip:
+                self._skipped(skip)
+            else:
+                self.state.consecutive_skips = 0
+                loss_sum += step_loss
+                loss_steps += 1
             self.state.step += 1
             self.state.tokens_seen += self.tokens_per_step
             steps_in_window += 1
             step = self.state.step
             if step % train.log_interval == 0 or step == train.max_steps:
                 elapsed = time.perf_counter() - window_start
-                self._log_train(loss_sum, steps_in_window, elapsed, lr)
+                self._log_train(loss_sum, steps_in_window, elapsed, lr, loss_steps)
                 loss_sum.zero_()
-                steps_in_window, window_start = 0, time.perf_counter()
+                steps_in_window, loss_steps, window_start = 0, 0, time.perf_counter()
             if step % train.eval_interval == 0 or step == train.max_steps:
                 self.metrics.log({"step": step, "val_loss": self.evaluate(), "tokens_seen": self.state.tokens_seen})
+            saved = None
             if step % train.save_interval == 0 or step == train.max_steps:
-                self.save()
+                saved = self.save()
+            # step boundary: one CPU all-reduce decides for all ranks (pipeline/control.py)
+            if control.agree({control.PREEMPT: control.preempt_requested() is not None})[control.PREEMPT] \
+                    and step < train.max_steps:
+                saved = saved or self.save()
+                self.metrics.finish()
+                raise control.Preempted(f"{self.stage}: preempted at step {step}; checkpoint {saved}; "
+                                        f"rerun the same command to resume")
+            control.use_step_timeout()  # the first step (warm-up, compilation) ran under launch.timeout_s
+        control.use_long_timeout()  # what follows the loop (final evals, the next stage) may take long
         return self.state
 
     def save(self) -> Path:
         self.state.loader = self.loader.state_dict()
-        return save_checkpoint(self.engine, self.checkpoint_root, self.state.step, asdict(self.state),
-                               self.train.keep_last)
+        with control.long_timeout():  # writing to slow storage may outlast launch.step_timeout_s
+            return save_checkpoint(self.engine, self.checkpoint_root, self.state.step, asdict(self.state),
+                                   self.train.keep_last, digests=self.train.checkpoint_sha256)
+
+    # -- skipped updates ----------------------------------------------------------------------------
+    def _skip_reason(self, step_loss: torch.Tensor) -> str | None:
+        """Why this step's update must not be applied, or None; collective, the same on every rank.
+        Non-finite: the loss on any rank, or (ZeRO 0, whose gradients are all-reduced in full before the
+        step, so every rank holds the same) the gradients. DeepSpeed's ZeRO optimizers check their
+        partitioned gradients' norm themselves (fit). Spike: the global mean loss against the history."""
+        checks = [step_loss]
+        # (fp16: scaled gradients overflow routinely; DeepSpeed's loss scaler skips those steps itself)
+        if self.engine.zero_optimization_stage() == 0 and not self.engine.fp16_enabled():
+            norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+                     for p in self.engine.module.parameters() if p.grad is not None]
+            if norms:
+                checks.append(torch.linalg.vector_norm(torch.stack(norms)))
+        bad = (~torch.isfinite(torch.stack(checks))).tolist()  # the one host sync of the step
+        flags = control.agree({"nonfinite_loss": bad[0], "nonfinite_grad": any(bad[1:])})
+        if flags["nonfinite_loss"] or flags["nonfinite_grad"]:
+            return "non-finite loss" if flags["nonfinite_loss"] else "non-finite gradient norm"
+        threshold, history = self.train.spike_threshold, self.state.loss_history
+        if not threshold:
+            return None
+        total = step_loss.detach().clone()
+        dist.all_reduce(total)
+        loss = total.item() / dist.get_world_size()
+        if len(history) >= self.train.spike_window:
+            mean = sum(history) / len(history)
+            std = math.sqrt(sum((x - mean) ** 2 for x in history) / len(history))
+            if loss > mean + threshold * std:
+                return (f"loss spike ({loss:.4g} > {mean:.4g} + {threshold:g} × {std:.4g}, the mean and std of "
+                        f"the last {len(history)} updates)")
+        self.state.loss_history = (history + [loss])[-self.train.spike_window:]
+        return None
+
+    def _skipped(self, reason: str) -> None:
+        """Count an update every rank skipped; stop when train.nonfinite or max_nonfinite_skips says so."""
+        step, train, state = self.state.step + 1, self.train, self.state
+        spike = reason.startswith("loss spike")
+        state.consecutive_skips += 1
+        if spike:
+            state.spike_skips += 1
+        else:
+            state.nonfinite_skips += 1
+        if dist.get_rank() == 0:
+            log.warning("%s: step %d: %s; the update is skipped on every rank", self.stage, step, reason)
+        self.metrics.log({"step": step, "skipped_update": reason, "nonfinite_skips": state.nonfinite_skips,
+                          "spike_skips": state.spike_skips, "consecutive_skips": state.consecutive_skips})
+        key = "train" if self.stage == "pretrain" else self.stage
+        if state.consecutive_skips > train.max_nonfinite_skips:
+            why = (f"{state.consecutive_skips} updates in a row skipped, the last at step {step} for a {reason} "
+                   f"({key}.max_nonfinite_skips={train.max_nonfinite_skips})")
+        elif not spike and train.nonfinite == "stop":
+            why = f"{reason} at step {step} ({key}.nonfinite=stop)"
+        else:
+            return
+        found = find_resumable(self.checkpoint_root)
+        good = f"the last good checkpoint is {found[0]}" if found else "there is no complete checkpoint yet"
+        raise PipelineError(f"{self.stage}: {why}; {good}: lower {key}.lr or check the data, then rerun "
+                            f"(train.resume=auto continues from it)")
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -281,8 +382,9 @@ class Trainer:
         self.engine.train()
         return (total[0] / total[1]).item() if total[1] > 0 else None
 
-    def _log_train(self, loss_sum: torch.Tensor, steps: int, elapsed: float, lr: float) -> None:
-        loss = loss_sum.clone() / steps
+    def _log_train(self, loss_sum: torch.Tensor, steps: int, elapsed: float, lr: float, loss_steps: int) -> None:
+        # the mean over the window's applied updates (a skipped one's loss may be NaN); NaN if none
+        loss = loss_sum.clone() / loss_steps if loss_steps else torch.full((), math.nan, device=self.device)
         dist.all_reduce(loss)
         loss = loss.item() / dist.get_world_size()
         if self.device.type == "cuda":
@@ -299,6 +401,7 @@ class Trainer:
             "tokens_seen": self.state.tokens_seen,
             "memory_gb": round(_memory_bytes(self.device) / 2**30, 3),
             "skipped_steps": int(getattr(self.engine, "skipped_steps", 0)),
+            "nonfinite_skips": self.state.nonfinite_skips, "spike_skips": self.state.spike_skips,
         })
 
 
@@ -306,3 +409,39 @@ def _memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak RSS of this rank
+
+
+@contextmanager
+def update_withheld(engine):
+    """engine.step() that leaves the weights and the optimizer state as they were, on every ZeRO stage.
+    DeepSpeed has no public way to drop an update outside fp16 loss scaling, and its wrapper's step must
+    still run (gradient reduction, clipping, freeing and re-gathering partitions are collectives every rank
+    joins; its counters advance), so only the inner optimizer's step, where weights, Adam's moments and
+    its step count change, is a no-op for this one call."""
+    inner = [o for o in (engine.basic_optimizer, getattr(engine.optimizer, "backup_optimizer", None)) if o is not None]
+    linked = getattr(engine.optimizer, "_hp_optimizer_states_linked", None)
+    for optimizer in inner:
+        optimizer.step = _no_update
+    try:
+        yield
+    finally:
+        for optimizer in inner:
+            del optimizer.step  # the class's own step again
+        if linked is False:  # DeepSpeed links its views of the optimizer state after the first real update
+            engine.optimizer._hp_optimizer_states_linked = False
+
+
+def _no_update(*args, **kwargs) -> None:
+    return None
+
+
+def _test_loss_factor(step: int) -> float | None:
+    """Test hook, PIPELINE_TEST_NAN_AT=STEP[-LAST]:RANK[:FACTOR][,...]: at those steps this rank's first
+    micro batch loss is multiplied by FACTOR (default nan; e.g. 1000 for a loss spike)."""
+    spec = os.environ.get("PIPELINE_TEST_NAN_AT", "")
+    for item in filter(None, spec.split(",")):
+        steps, rank, *factor = item.split(":")
+        first, _, last = steps.partition("-")
+        if int(first) <= step <= int(last or first) and int(rank) == dist.get_rank():
+            return float(factor[0]) if factor else math.nan
+    return None

@@ -1,0 +1,323 @@
+"""Launch scripts for real, on one machine: two torchrun "nodes", the deepspeed launcher with a hostfile,
+the SLURM batch job (srun and scontrol stood in for by tests/fake_slurm), the shard job array; and the
+run report (charts and report.md from metrics.jsonl)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, SMALL_RUN, error_lines, run_cli, write_jsonl
+from pipeline.local_launch import free_port
+from test_pretrain import TINY, fresh_run, kill_tree, records
+from test_shard import split_documents
+
+LAUNCH = ROOT / "launch"
+FAKE_SLURM = Path(__file__).resolve().parent / "fake_slurm"
+# a few fp32 steps with an eval at the end: the curves of different launchers must agree
+STEPS = ("deepspeed=zero2", "precision=fp32", "train.max_steps=4", "train.eval_interval=4", "train.save_interval=4")
+
+
+def script_env(**extra: str) -> dict[str, str]:
+    """The user's environment for a launch script: this Python's tools first on PATH, wandb off, and
+    no SLURM variables of a job the tests themselves might run in."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    return {**base, "PATH": path, "WANDB_MODE": "disabled", **extra}
+
+
+def run_script(script: str, *args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(LAUNCH / script), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# -- scripts ----------------------------------------------------------------------------------------
+
+def test_every_launch_script_parses():
+    scripts = sorted(p for p in LAUNCH.iterdir() if p.suffix in (".sh", ".sbatch"))
+    assert {p.name for p in scripts} >= {"torchrun.sh", "deepspeed.sh", "slurm.sbatch", "slurm_node.sh",
+                                         "shard_array.sbatch"}
+    for script in scripts + sorted(FAKE_SLURM.iterdir()):
+        proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert proc.returncode == 0, (script, proc.stderr)
+        assert os.access(script, os.X_OK), f"{script} is not executable (the README runs them directly)"
+
+
+def slurm_env(cmd_env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`python -m pipeline.distributed slurm-env` in a fabricated SLURM environment, nothing else set."""
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), **cmd_env}
+    return subprocess.run([sys.executable, "-m", "pipeline.distributed", "slurm-env"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def exported(proc: subprocess.CompletedProcess) -> dict[str, str]:
+    """The variables as bash sees them after `eval` (what launch/slurm_node.sh does)."""
+    shown = subprocess.run(["bash", "-c", 'eval "$1"; env', "_", proc.stdout], capture_output=True, text=True)
+    return dict(line.split("=", 1) for line in shown.stdout.splitlines() if "=" in line)
+
+
+def test_slurm_rank_logic_from_a_fabricated_environment():
+    job = {"SLURM_JOB_ID": "123456", "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2",
+           "SLURM_JOB_NODELIST": "gpu[003-004]", "SLURM_GPUS_ON_NODE": "4"}
+    for node in (0, 1):
+        proc = slurm_env({**job, "SLURM_NODEID": str(node), "SLURM_PROCID": str(node), "SLURM_LOCALID": "0"})
+        assert proc.returncode == 0, proc.stderr
+        env = exported(proc)
+        assert (env["NODE_RANK"], env["NNODES"], env["NPROC_PER_NODE"], env["WORLD_SIZE"]) == (str(node), "2", "4", "8")
+        assert env["MASTER_ADDR"] == "gpu003" and env["MASTER_PORT"] == str(20000 + 123456 % 20000)
+        assert env["RDZV_ID"] == "slurm-123456"
+    # --gpus-per-node=h100:8 on 3 nodes, node list with several ranges; the user's own choices win
+    proc = slurm_env({"SLURM_JOB_ID": "7", "SLURM_NNODES": "3", "SLURM_NODEID": "2",
+                      "SLURM_NODELIST": "a100-[10-11,20],cpu1", "SLURM_GPUS_PER_NODE": "h100:8"})
+    env = exported(proc)
+    assert (env["NODE_RANK"], env["WORLD_SIZE"], env["MASTER_ADDR"]) == ("2", "24", "a100-10")
+    proc = slurm_env({**job, "SLURM_NODEID": "1", "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "31000",
+                      "NPROC_PER_NODE": "2"})
+    env = exported(proc)
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"], env["WORLD_SIZE"]) == ("10.0.0.5", "31000", "4")
+    proc = slurm_env({"SLURM_JOB_ID": "1"})  # not inside a job step
+    assert proc.returncode != 0 and len(error_lines(proc)) == 1 and "SLURM_NODEID" in proc.stderr
+
+
+def test_slurm_scripts_refuse_bad_usage_in_one_line(tmp_path):
+    job = {"SLURM_JOB_ID": "9", "SLURM_JOB_NUM_NODES": "2", "SLURM_SUBMIT_DIR": str(ROOT)}
+    cases = [("slurm.sbatch", [str(tmp_path)], {}, "not inside a SLURM job"),
+             ("slurm.sbatch", ["model=tiny"], job, "no run_dir"),
+             ("slurm.sbatch", [str(tmp_path)], {**job, "SLURM_SUBMIT_DIR": str(tmp_path)}, "not the pipeline checkout"),
+             ("shard_array.sbatch", [str(tmp_path)], {}, "usage"),
+             ("shard_array.sbatch", [str(tmp_path), "0"], {}, "usage")]
+    for script, args, env, phrase in cases:
+        proc = run_script(script, *args, env={**script_env(), **env})
+        assert proc.returncode != 0 and len(error_lines(proc)) == 1 and phrase in proc.stderr, (script, args, proc.stderr)
+
+
+def test_deepspeed_launcher_variables_are_read():
+    from pipeline.distributed import LaunchInfo
+
+    # deepspeed.launcher.launch sets LOCAL_SIZE, not torchrun's LOCAL_WORLD_SIZE
+    info = LaunchInfo.from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_SIZE": "2",
+                                "MASTER_ADDR": "node-0", "MASTER_PORT": "29500"})
+    assert info == LaunchInfo(rank=3, world_size=4, local_rank=1, local_world_size=2, under_launcher=True)
+
+
+def test_deepspeed_script_command_line(tmp_path):
+    proc = run_script("deepspeed.sh", "stages=[pretrain]", env=script_env(DRY_RUN="1", NPROC_PER_NODE="3"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["deepspeed", "--master_port", "29500", "--hostfile", "/dev/null", "--num_gpus",
+                                   "3", "--no_local_rank", "--module", "pipeline", r"stages=\[pretrain\]"]
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=8\nnode-b slots=8\n")
+    proc = run_script("deepspeed.sh", "model=1b", env=script_env(
+        DRY_RUN="1", HOSTFILE=str(hostfile), MASTER_ADDR="node-a", MASTER_PORT="29700",
+        DEEPSPEED_ARGS="--launcher openmpi"))
+    assert proc.stdout.split() == ["deepspeed", "--master_port", "29700", "--hostfile", str(hostfile), "--master_addr",
+                                   "node-a", "--launcher", "openmpi", "--no_local_rank", "--module", "pipeline", "model=1b"]
+    proc = run_script("deepspeed.sh", env=script_env(HOSTFILE=str(tmp_path / "missing")))
+    assert proc.returncode != 0 and len(error_lines(proc)) == 1 and "HOSTFILE" in proc.stderr
+
+
+# -- shard job array --------------------------------------------------------------------------------
+
+def test_shard_array_parts_and_merge_equal_a_single_process_run(tmp_path, small_run, small_corpus):
+    run_dir = tmp_path / "run"
+    shutil.copytree(small_run / "tokenizer", run_dir / "tokenizer")
+    data = (f"data.paths=[{small_corpus}]", *SMALL_RUN[:-1])  # its own stages= would be overridden anyway
+    env = script_env(SLURM_SUBMIT_DIR=str(ROOT), SLURM_CPUS_PER_TASK="1")
+    for task in ("1", "0"):  # array tasks finish in any order
+        proc = run_script("shard_array.sbatch", str(run_dir), "2", *data, env={**env, "SLURM_ARRAY_TASK_ID": task})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (run_dir / "shards").exists()
+    proc = run_script("shard_array.sbatch", str(run_dir), "2", *data, env=env)  # no array: the merge
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = json.loads((run_dir / "shards" / "manifest.json").read_text())
+    single = json.loads((small_run / "shards" / "manifest.json").read_text())
+    assert merged["num_parts"] == 2
+    for split in ("train", "val"):
+        for key in ("documents", "tokens"):
+            assert merged["splits"][split][key] == single["splits"][split][key]
+    merged_docs, single_docs = split_documents(run_dir), split_documents(small_run)
+    for split in ("train", "val"):
+        assert sorted(map(tuple, merged_docs[split])) == sorted(map(tuple, single_docs[split]))
+
+
+# -- report -----------------------------------------------------------------------------------------
+
+def decode_png(path: Path) -> np.ndarray:
+    """The (height, width, 3) pixels of an 8-bit RGB PNG whose rows use filter 0, checking every CRC."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, []
+    while pos < len(data):
+        (length,), tag = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + length]
+        assert struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])[0] == zlib.crc32(tag + body)
+        chunks.append((tag, body))
+        pos += 12 + length
+    assert chunks[0][0] == b"IHDR" and chunks[-1][0] == b"IEND"
+    width, height, depth, color, _, _, _ = struct.unpack(">IIBBBBB", chunks[0][1])
+    assert (depth, color) == (8, 2)
+    rows = np.frombuffer(zlib.decompress(b"".join(b for t, b in chunks if t == b"IDAT")), np.uint8)
+    rows = rows.reshape(height, 1 + width * 3)
+    assert not rows[:, 0].any()
+    return rows[:, 1:].reshape(height, width, 3)
+
+
+def test_report_charts_decode_and_report_md_has_the_final_losses(tmp_path):
+    from pipeline.report import COLORS, HEIGHT, WIDTH
+
+    lines = [{"stage": "pretrain", "step": s, "loss": 5.0 - 3.0 * s / 50, "lr": 1e-3 * min(1, s / 10),
+              "tokens_per_s": 1000.0 + s, "mfu": None, "tokens_seen": 512 * s} for s in range(1, 51)]
+    lines += [{"stage": "pretrain", "step": s, "val_loss": 5.1 - 3.0 * s / 50} for s in range(10, 51, 10)]
+    lines += [{"stage": "pretrain", "step": 50, "loss": 1.9, "lr": 1e-3, "tokens_per_s": 1050.0,
+               "tokens_seen": 25600}]  # a resumed run logs step 50 again: this record counts
+    lines += [{"stage": "finetune", "step": s, "loss": 1.0 / s, "lr": 1e-4, "tokens_per_s": 900.0, "mfu": 0.3}
+              for s in (1, 2, 3)]
+    lines += [{"stage": "finetune", "step": 3, "exact_match": 0.75, "exact_match_correct": 3,
+               "exact_match_total": 4, "exact_match_when": "after"}]
+    path = write_jsonl(tmp_path / "metrics.jsonl", lines)
+    with open(path, "a") as f:
+        f.write('{"stage": "pretrain", "st')  # cut short by a crash
+    proc = subprocess.run([sys.executable, "-m", "pipeline.report", f"run_dir={tmp_path}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "report"
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "finetune-loss.png", "finetune-lr.png", "finetune-mfu.png", "finetune-tokens_per_s.png",
+        "pretrain-loss.png", "pretrain-lr.png", "pretrain-tokens_per_s.png"]  # no MFU known for pretrain
+    pixels = decode_png(out / "pretrain-loss.png")
+    assert pixels.shape == (HEIGHT, WIDTH, 3)
+    for color in COLORS[:2]:  # train loss, val loss
+        rows, cols = np.nonzero((pixels == color).all(axis=2))
+        assert len(rows) > 100, color
+        assert cols.max() - cols.min() > WIDTH // 2  # the series spans the steps
+        left, right = rows[cols < cols.min() + 40].mean(), rows[cols > cols.max() - 40].mean()
+        assert right > left + 50  # the loss falls: lower on the chart (larger row) to the right
+    assert (pixels < 100).all(axis=2).sum() > 500  # axes and tick labels
+    report = (out / "report.md").read_text()
+    assert "final train loss 1.9000 at step 50" in report and "final val loss 2.1000 at step 50" in report
+    assert "tokens seen: 25,600" in report and "exact match (after): 0.750 (3/4)" in report
+    assert "![pretrain loss](pretrain-loss.png)" in report and f"`{path}`" in report
+    proc = subprocess.run([sys.executable, "-m", "pipeline.report", f"run_dir={tmp_path / 'none'}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and len(error_lines(proc)) == 1 and "does not exist" in proc.stderr
+
+
+def test_a_report_that_cannot_be_written_is_only_a_warning(tmp_path, caplog):
+    from pipeline.report import report_at_end
+
+    caplog.set_level(logging.INFO)
+    (tmp_path / "report").write_text("a file where the report folder goes")
+    report_at_end(tmp_path)
+    assert any(r.levelname == "WARNING" and "report: not written" in r.message for r in caplog.records)
+    assert any("run finished: artifacts in" in r.message for r in caplog.records)
+    proc = subprocess.run([sys.executable, "-m", "pipeline.report", f"run_dir={tmp_path}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and len(error_lines(proc)) == 1 and "cannot write the report" in proc.stderr
+
+
+# -- multi-process launches -------------------------------------------------------------------------
+
+def curve(run_dir: Path) -> dict[int, float]:
+    """Train losses by step, val losses by minus the step."""
+    return {**records(run_dir), **{-s: v for s, v in records(run_dir, "val_loss").items()}}
+
+
+@pytest.fixture(scope="module")
+def one_node_curve(tmp_path_factory, small_run) -> dict[int, float]:
+    """The reference: 2 local ranks started by the pipeline itself (not under a launcher)."""
+    run_dir = fresh_run(small_run, tmp_path_factory.mktemp("one_node"))
+    proc = run_cli(f"run_dir={run_dir}", "stages=[pretrain]", *TINY, *STEPS, "launch.nproc_per_node=2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "2 ranks ×" in proc.stdout and f"report in {run_dir / 'report' / 'report.md'}" in proc.stdout
+    assert proc.stdout.count("run finished:") == 1  # the local ranks leave the report to this process
+    assert "final val loss" in (run_dir / "report" / "report.md").read_text()
+    return curve(run_dir)
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_train_like_one_node_with_two_ranks(tmp_path, small_run, one_node_curve):
+    run_dir = fresh_run(small_run, tmp_path)
+    port = str(free_port())
+    nodes = [subprocess.Popen(["bash", str(LAUNCH / "torchrun.sh"), f"run_dir={run_dir}", "stages=[pretrain]", *TINY,
+                               *STEPS], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=script_env(NNODES="2", NODE_RANK=str(node), NPROC_PER_NODE="1",
+                                             MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+             for node in (0, 1)]
+    try:
+        outputs = [node.communicate(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:  # timed out: leave nothing running
+                kill_tree(node.pid)
+    for node, (stdout, stderr) in zip(nodes, outputs):
+        assert node.returncode == 0, stderr[-4000:]
+    assert "2 ranks ×" in outputs[0][0]  # what the training loop saw
+    assert "run finished: artifacts in" in outputs[0][0] and "run finished" not in outputs[1][0]
+    assert sorted(curve(run_dir)) == sorted(one_node_curve)
+    np.testing.assert_allclose([curve(run_dir)[k] for k in sorted(one_node_curve)],
+                               [one_node_curve[k] for k in sorted(one_node_curve)], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_with_a_hostfile_trains_like_local_ranks(tmp_path, small_run, one_node_curve):
+    run_dir = fresh_run(small_run, tmp_path / "run")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    # one host: no ssh; the ranks get RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from deepspeed
+    env = script_env(HOSTFILE=str(hostfile), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                     DEEPSPEED_ARGS="--no_ssh_check")
+    proc = run_script("deepspeed.sh", f"run_dir={run_dir}", "stages=[pretrain]", *TINY, *STEPS, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "2 ranks ×" in proc.stdout
+    np.testing.assert_allclose([curve(run_dir)[k] for k in sorted(one_node_curve)],
+                               [one_node_curve[k] for k in sorted(one_node_curve)], rtol=2e-5, atol=2e-5)
+    assert (run_dir / "report" / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_slurm_job_on_two_nodes_is_preempted_requeued_and_resumes(tmp_path, small_corpus):
+    """launch/slurm.sbatch as SLURM runs it, with srun/scontrol stood in for: one slurm_node.sh per node,
+    c10d rendezvous. SIGUSR1 to the batch script reaches the ranks, which stop at the next stage boundary;
+    the job requeues itself, and the same command then finishes the run."""
+    run_dir, log = tmp_path / "run", tmp_path / "job.log"
+    env = script_env(PATH=f"{FAKE_SLURM}{os.pathsep}{script_env()['PATH']}", SLURM_JOB_ID="4242",
+                     SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="localhost", SLURM_SUBMIT_DIR=str(ROOT),
+                     MASTER_PORT=str(free_port()), NPROC_PER_NODE="1", FAKE_SLURM_LOG=str(tmp_path / "slurm.log"))
+    args = [str(LAUNCH / "slurm.sbatch"), str(run_dir), f"data.paths=[{small_corpus}]", *SMALL_RUN]
+    with open(log, "w") as out:
+        job = subprocess.Popen(["bash", *args], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while job.poll() is None and time.monotonic() < deadline:  # both ranks are up, rank 0 tokenizes
+            text = log.read_text()
+            if "tokenize: running" in text and "tokenize: waiting" in text:
+                break
+            time.sleep(0.05)
+        job.send_signal(signal.SIGUSR1)
+        try:
+            job.wait(timeout=180)
+        finally:
+            if job.poll() is None:
+                kill_tree(job.pid)
+    text = log.read_text()
+    assert job.returncode == 0, text[-4000:]
+    assert text.count("passing SIGUSR1 to the ranks") == 2 and "preempted before stage shard" in text, text[-4000:]
+    assert (tmp_path / "slurm.log").read_text() == "scontrol requeue 4242\n"
+    assert (run_dir / "stages" / "tokenize.json").is_file() and not (run_dir / "stages" / "shard.json").exists()
+    # requeued: SLURM runs the same script again
+    proc = subprocess.run(["bash", *args], cwd=tmp_path, env={**env, "SLURM_RESTART_COUNT": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "start 2" in proc.stdout and "tokenize: complete and unchanged, skipped" in proc.stdout
+    assert json.loads((run_dir / "shards" / "manifest.json").read_text())["num_parts"] == 2  # 2 nodes × 1 rank
+    assert (tmp_path / "slurm.log").read_text() == "scontrol requeue 4242\n"  # not requeued again
