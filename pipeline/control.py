@@ -158,6 +158,20 @@ def setup(timeout_s: float, step_timeout_s: float) -> None:
     _peers = [tuple(p) for p in peers]
 
 
+def shutdown() -> None:
+    """End of a rank's run: wait for every rank, then take the process groups down. Exiting with live
+    gloo groups can abort a rank (std::terminate in a gloo thread) while a peer still closes its pairs."""
+    global _group
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()  # every group, the control group included
+        _group = None
+
+
 def agree(flags: dict[str, bool]) -> dict[str, bool]:
     """Collective over the control group: each flag is True if it is True on any rank."""
     import torch

@@ -58,7 +58,8 @@ def resolve_init(cfg: PipelineConfig, run_dir: Path, need_weights: bool = True) 
     init = cfg.finetune.init
     run_tokenizer = run_dir / "tokenizer" / "tokenizer.model"
     if init == "pretrain":
-        found = find_resumable(pretrain_root(run_dir))
+        # the weights are unpickled next: inside the ranks (collective) every file's sha256 must verify
+        found = find_resumable(pretrain_root(run_dir), digests=need_weights and dist.is_initialized(), collective=True)
         if found is None and need_weights:
             raise PipelineError(f"finetune.init=pretrain: no complete pretrain checkpoint under "
                                 f"{pretrain_root(run_dir)}: run stages=[pretrain] first, or set "

@@ -232,6 +232,10 @@ def run_pipeline(cfg: PipelineConfig, resolved: dict, overrides: list[str]) -> N
             wait_for_record(stage, ctx)
         else:
             run_stage(stage, ctx)
+    if launch.under_launcher:
+        from .control import shutdown
+
+        shutdown()
     if launch.rank == 0 and not (launch.under_launcher and os.environ.get(PARENT_REPORTS)):
         from .report import report_at_end
 

@@ -196,6 +196,7 @@ class Trainer:
         self.model_config = model_config
         self.state = TrainerState(model=model_config)
         self.peak = peak_flops(device)
+        self._preempt_agreed = False  # set by each step's control all-reduce
 
     # -- resume -----------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -296,9 +297,8 @@ class Trainer:
             saved = None
             if step % train.save_interval == 0 or step == train.max_steps:
                 saved = self.save()
-            # step boundary: one CPU all-reduce decides for all ranks (pipeline/control.py)
-            if control.agree({control.PREEMPT: control.preempt_requested() is not None})[control.PREEMPT] \
-                    and step < train.max_steps:
+            # step boundary: the ranks agreed on preemption in this step's control all-reduce (_skip_reason)
+            if self._preempt_agreed and step < train.max_steps:
                 saved = saved or self.save()
                 self.metrics.finish()
                 raise control.Preempted(f"{self.stage}: preempted at step {step}; checkpoint {saved}; "
@@ -327,7 +327,10 @@ class Trainer:
             if norms:
                 checks.append(torch.linalg.vector_norm(torch.stack(norms)))
         bad = (~torch.isfinite(torch.stack(checks))).tolist()  # the one host sync of the step
-        flags = control.agree({"nonfinite_loss": bad[0], "nonfinite_grad": any(bad[1:])})
+        # the step's one control-plane collective; the preemption flag is acted on at the step boundary
+        flags = control.agree({"nonfinite_loss": bad[0], "nonfinite_grad": any(bad[1:]),
+                               control.PREEMPT: control.preempt_requested() is not None})
+        self._preempt_agreed = flags[control.PREEMPT]
         if flags["nonfinite_loss"] or flags["nonfinite_grad"]:
             return "non-finite loss" if flags["nonfinite_loss"] else "non-finite gradient norm"
         threshold, history = self.train.spike_threshold, self.state.loss_history

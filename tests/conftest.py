@@ -81,3 +81,13 @@ def small_run(tmp_path_factory, small_corpus) -> Path:
     proc = run_cli(f"run_dir={run_dir}", f"data.paths=[{small_corpus}]", *SMALL_RUN)
     assert proc.returncode == 0, proc.stderr
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def data_run(tmp_path_factory) -> Path:
+    """Tokenizer and shards of a small built-in corpus (copy it before writing into it)."""
+    run_dir = tmp_path_factory.mktemp("data")
+    proc = run_cli(f"run_dir={run_dir}", "stages=[tokenize,shard]", "data.default_num_documents=2000",
+                   "tokenizer.vocab_size=1024", "data.val_fraction=0.05")
+    assert proc.returncode == 0, proc.stderr
+    return run_dir

@@ -91,15 +91,6 @@ def assert_same_greedy_generation(ours: Transformer, hf, sp) -> None:
 
 # -- DeepSpeed-trained checkpoints (slow: 2 CPU ranks through the real CLI) -------------------------------
 @pytest.fixture(scope="module")
-def data_run(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("data")
-    proc = run_cli(f"run_dir={run_dir}", "stages=[tokenize,shard]", "data.default_num_documents=2000",
-                   "tokenizer.vocab_size=1024", "data.val_fraction=0.05")
-    assert proc.returncode == 0, proc.stderr
-    return run_dir
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_run):
     """trained(zero, precision): a run dir pretrained 6 steps (checkpoints at 3 and 6), made once."""
     runs = {}

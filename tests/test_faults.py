@@ -21,15 +21,6 @@ from pipeline.checkpoint import RECORD, find_resumable, prune, tag_for, verify
 from test_pretrain import TINY, fresh_run, kill_tree, records
 
 
-@pytest.fixture(scope="module")
-def data_run(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("data")
-    proc = run_cli(f"run_dir={run_dir}", "stages=[tokenize,shard]", "data.default_num_documents=2000",
-                   "tokenizer.vocab_size=1024", "data.val_fraction=0.05")
-    assert proc.returncode == 0, proc.stderr
-    return run_dir
-
-
 def checkpoints(run_dir: Path) -> Path:
     return run_dir / "pretrain" / "checkpoints"
 

@@ -22,16 +22,6 @@ TINY = ("model=tiny", "train.seq_len=64", "train.micro_batch_size=2", "train.glo
         "train.log_interval=1", "train.warmup_steps=5", "train.lr=3e-3", "train.eval_batches=2")
 
 
-@pytest.fixture(scope="module")
-def data_run(tmp_path_factory) -> Path:
-    """Tokenizer and shards of a small built-in corpus, shared by the tests below."""
-    run_dir = tmp_path_factory.mktemp("data")
-    proc = run_cli(f"run_dir={run_dir}", "stages=[tokenize,shard]", "data.default_num_documents=2000",
-                   "tokenizer.vocab_size=1024", "data.val_fraction=0.05")
-    assert proc.returncode == 0, proc.stderr
-    return run_dir
-
-
 def fresh_run(data_run: Path, target: Path) -> Path:
     for name in ("tokenizer", "shards"):
         shutil.copytree(data_run / name, target / name)
