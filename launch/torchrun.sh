@@ -24,8 +24,9 @@ else
   placement=(--node_rank "${NODE_RANK:-0}" --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}")
 fi
 
-preempted_file=$(mktemp "${TMPDIR:-/tmp}/pipeline-preempted.XXXXXX")
-rm -f "$preempted_file"  # the ranks create it only when they stop for a preemption
+# the ranks create it only when they stop for a preemption (a name unique to this script's process)
+preempted_file="${TMPDIR:-/tmp}/pipeline-preempted.$$.$RANDOM"
+rm -f "$preempted_file"
 trap 'rm -f "$preempted_file"' EXIT
 
 trap '' USR1 TERM
