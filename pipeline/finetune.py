@@ -24,7 +24,7 @@ from .config import ModelConfig, PipelineConfig
 from .errors import PipelineError
 from .metrics import MetricsLogger
 from .tokenizer import load_tokenizer
-from .train import Trainer, build_optimizer, deepspeed_config, grad_accumulation, init_distributed, initialize_engine
+from .train import Trainer, build_engine, grad_accumulation, init_distributed
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ def will_resume(cfg: PipelineConfig, run_dir: Path) -> bool:
 
 def main(cfg: PipelineConfig, run_dir: Path, resolved_config: dict) -> None:
     from . import sft_data
-    from .model import Transformer, compile_blocks, flops_per_token
+    from .model import flops_per_token
 
     ft = cfg.finetune
     device = init_distributed(cfg.launch)
@@ -306,17 +306,8 @@ def main(cfg: PipelineConfig, run_dir: Path, resolved_config: dict) -> None:
         data.train.stats.padding_fraction = loader.epoch_padding_fraction()
     eval_set = sft_data.SFTEvalBatches(data.held_out, ft.micro_batch_size, ft.eval_batches, rank, world, pin)
 
-    torch.manual_seed(ft.seed)
-    model = Transformer(model_cfg)
-    num_parameters = sum(p.numel() for p in model.parameters())  # before ZeRO 3 partitions them
-    if not resuming:
-        load_init_weights(model, source)
-    if model_cfg.compile:
-        compile_blocks(model)
-    optimizer = build_optimizer(model, ft, cfg.deepspeed, device)
-    engine = initialize_engine(model, optimizer, deepspeed_config(ft, cfg.deepspeed, cfg.precision,
-                                                                  ft.micro_batch_size, grad_accum),
-                               cfg.deepspeed.stage)
+    engine, num_parameters = build_engine(model_cfg, ft, cfg.deepspeed, cfg.precision, device, grad_accum,
+                                          None if resuming else lambda model: load_init_weights(model, source))
     metrics = MetricsLogger(run_dir, "finetune", rank == 0, cfg.logging.wandb, resolved_config)
     trainer = Trainer(stage="finetune", engine=engine, loader=loader, eval_batches=eval_set, train=ft,
                       run_dir=run_dir, checkpoint_root=checkpoint_root(run_dir), metrics=metrics,

@@ -5,7 +5,6 @@ import logging
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from . import autobatch
@@ -13,7 +12,7 @@ from .config import PipelineConfig
 from .errors import PipelineError
 from .metrics import MetricsLogger
 from .tokenizer import load_tokenizer
-from .train import Trainer, build_optimizer, deepspeed_config, grad_accumulation, init_distributed, initialize_engine
+from .train import Trainer, build_engine, grad_accumulation, init_distributed
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +23,7 @@ def checkpoint_root(run_dir: Path) -> Path:
 
 def main(cfg: PipelineConfig, run_dir: Path, resolved_config: dict) -> None:
     from .data import EvalBatches, PretrainLoader, open_split
-    from .model import Transformer, compile_blocks, flops_per_token
+    from .model import flops_per_token
 
     device = init_distributed(cfg.launch)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -47,14 +46,7 @@ def main(cfg: PipelineConfig, run_dir: Path, resolved_config: dict) -> None:
                             dp_rank=rank, dp_world=world, seed=train.seed, pin_memory=device.type == "cuda")
     val = open_split(shards, "val", tokenizer_path, verify=train.verify_shards, required=False)
 
-    torch.manual_seed(train.seed)  # the same initial weights on every rank and every run
-    model = Transformer(model_cfg)
-    if model_cfg.compile:
-        compile_blocks(model)
-    optimizer = build_optimizer(model, train, cfg.deepspeed, device)
-    engine = initialize_engine(model, optimizer, deepspeed_config(train, cfg.deepspeed, cfg.precision,
-                                                                  train.micro_batch_size, grad_accum),
-                               cfg.deepspeed.stage)
+    engine, num_parameters = build_engine(model_cfg, train, cfg.deepspeed, cfg.precision, device, grad_accum)
 
     # built now so that a validation split too small for one batch fails before training, not after
     eval_set = [] if val is None else EvalBatches(val, train.seq_len, train.micro_batch_size, train.eval_batches,
@@ -68,7 +60,7 @@ def main(cfg: PipelineConfig, run_dir: Path, resolved_config: dict) -> None:
                       model_config=asdict(model_cfg))
     if rank == 0:
         log.info("pretrain: model=%s, %.2fM parameters, %d ranks × micro batch %d × %d accumulation, "
-                 "ZeRO %d, %s", model_cfg.name, sum(p.numel() for p in model.parameters()) / 1e6, world,
+                 "ZeRO %d, %s", model_cfg.name, num_parameters / 1e6, world,
                  train.micro_batch_size, grad_accum, cfg.deepspeed.stage, cfg.precision.name)
     trainer.resume()
     if trainer.state.step >= train.max_steps:

@@ -162,6 +162,24 @@ def initialize_engine(model: torch.nn.Module, optimizer, config: dict, zero_stag
     return engine
 
 
+def build_engine(model_cfg, train: TrainConfig, ds: DeepSpeedConfig, precision: PrecisionConfig,
+                 device: torch.device, grad_accum: int, load_weights=None) -> tuple[object, int]:
+    """(DeepSpeed engine, parameter count) for a fresh model: seeded init (the same weights on every rank
+    and every run), then `load_weights(model)` if given, optional compilation, optimizer, ZeRO wrapping."""
+    from .model import Transformer, compile_blocks
+
+    torch.manual_seed(train.seed)
+    model = Transformer(model_cfg)
+    num_parameters = sum(p.numel() for p in model.parameters())  # before ZeRO 3 partitions them
+    if load_weights is not None:
+        load_weights(model)
+    if model_cfg.compile:
+        compile_blocks(model)
+    optimizer = build_optimizer(model, train, ds, device)
+    config = deepspeed_config(train, ds, precision, train.micro_batch_size, grad_accum)
+    return initialize_engine(model, optimizer, config, ds.stage), num_parameters
+
+
 def grad_accumulation(train: TrainConfig, world_size: int) -> int:
     per_step = train.micro_batch_size * world_size
     if train.global_batch_size % per_step:
