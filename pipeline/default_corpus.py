@@ -336,7 +336,8 @@ def _quiz(world: World, p: Person, rng: random.Random) -> str:
     """Reading practice in plain text: a passage, then questions it answers (the skill the reading
     instructions ask for; fine-tuning then only has to teach the chat format)."""
     attrs = rng.sample(list(PERSON_QUESTIONS), rng.randint(1, 3))
-    # half the answers start their own line, as an assistant's answer does in the chat template
+    # half the answers start their own line, as an assistant's answer does in the chat template (all of
+    # them inline took exact match after fine-tuning on the default run from 0.30 to 0.17)
     separator = rng.choice([" ", "\n"])
     qa = "".join(f"\n\nQuestion: {rng.choice(PERSON_QUESTIONS[a]).format(**vars(p))}\nAnswer:{separator}"
                  f"{getattr(p, a)}" for a in attrs)

@@ -346,7 +346,7 @@ model = AutoModelForCausalLM.from_pretrained("PATH")
 ```
 
 The fast tokenizer gives the SentencePiece ids of `tokenizer.model` (no dummy prefix, no BOS added;
-training documents end with `</s>`). Chat turns use `<|im_start|>role\\n...<|im_end|>`
+training documents end with `</s>`). Chat turns use `<|im_start|>role\\n content<|im_end|>`
 (`tokenizer.apply_chat_template`); generation stops at `</s>` or `<|im_end|>`.
 
 ## Resolved config

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .config import WandbConfig
+from .fsutil import atomic_write_bytes
 from .redaction import redact, redact_values
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,11 @@ class MetricsLogger:
         self.stage, self.enabled = stage, enabled
         self.path = run_dir / "metrics.jsonl"
         self._wandb = None
+        if enabled and self.path.is_file() and self.path.stat().st_size:
+            with open(self.path, "rb+") as f:  # a crash may have cut the last line short: end it
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
         if enabled and wandb_mode(wandb_cfg) != "disabled":
             import wandb
 
@@ -63,6 +69,25 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log({f"{self.stage}/{k}": v for k, v in record.items()
                              if k not in ("stage", "step") and isinstance(v, (int, float))}, step=record["step"])
+
+    def rewind(self, step: int) -> None:
+        """After a resume from `step`: drop this stage's records past it (the run before the crash logged
+        them; they are about to be logged again), so metrics.jsonl reads as one uninterrupted run."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept, dropped = [], 0
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+                stale = record.get("stage") == self.stage and int(record.get("step", 0)) > step
+            except (ValueError, TypeError, AttributeError):
+                stale = True  # a line cut short by a crash
+            dropped += stale
+            if not stale:
+                kept.append(line + "\n")
+        if dropped:
+            atomic_write_bytes(self.path, "".join(kept).encode())
+            log.info("%s: dropped %d records past step %d from %s", self.stage, dropped, step, self.path)
 
     def finish(self) -> None:
         if self._wandb is not None:

@@ -136,8 +136,8 @@ def render_chart(series: list[tuple[np.ndarray, np.ndarray]], markers: list[bool
 
 
 def read_metrics(path: Path) -> dict[str, dict[str, dict[int, dict]]]:
-    """stage -> {"train": step -> record, "eval": ..., "other": ...}; the later record of a step counts
-    (a resumed run logs again the steps after its checkpoint). A line cut short by a crash is skipped."""
+    """stage -> {"train": step -> record, "eval": ..., "other": ...}; the later record of a step counts.
+    A line cut short by a crash is skipped."""
     stages: dict[str, dict[str, dict[int, dict]]] = {}
     if not path.is_file():
         return stages

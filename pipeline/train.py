@@ -251,6 +251,7 @@ class Trainer:
         if skip != "loader":
             self.loader.load_state_dict(self.state.loader)
         log.info("%s: resumed from %s at step %d", self.stage, folder, self.state.step)
+        self.metrics.rewind(self.state.step)
 
     def _set_aside_old_checkpoints(self) -> None:
         """A fresh start must not share a folder with an older run's checkpoints (resume=auto would

@@ -72,7 +72,7 @@ def test_prompt_tokens_carry_no_loss(tmp_path, sp, shape):
         assert [*inputs[:n - 1], None] == [*sp.encode(text)[:n - 1], None]
         assert np.array_equal(inputs[1:n - 1][labels[:n - 2] != -100], labels[:n - 2][labels[:n - 2] != -100])
         targets = labels[labels != -100].tolist()
-        assert sp.decode(targets) == "".join(a + IM_END for a in answers)
+        assert sp.decode(targets) == "".join(" " + a + IM_END for a in answers)
         assert (labels[n - 1:] == -100).all() and (inputs[n - 1:] == data.pad_id).all()
 
 

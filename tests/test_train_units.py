@@ -88,3 +88,22 @@ def test_pruning_keeps_the_newest_complete_checkpoints(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002", "step_00000003", "step_00000004"]
     prune(tmp_path, keep_last=0)  # never below one good checkpoint
     assert (tmp_path / "step_00000003").exists()
+
+
+def test_metrics_rewind_drops_the_stage_records_past_the_resumed_step(tmp_path):
+    """A run killed after its step-6 checkpoint had logged steps 7 and 8 and half a line; on resume those go,
+    other stages' records stay, and the next record starts on its own line."""
+    from pipeline.config import WandbConfig
+    from pipeline.metrics import MetricsLogger
+
+    lines = [{"stage": "pretrain", "step": 6, "loss": 1.0}, {"stage": "finetune", "step": 9, "loss": 2.0},
+             {"stage": "pretrain", "step": 7, "loss": 0.9}, {"stage": "pretrain", "step": 8, "val_loss": 0.8}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"stage": "pretrain", "st')
+    metrics = MetricsLogger(tmp_path, "pretrain", True, WandbConfig(mode="disabled"), {})
+    metrics.rewind(6)
+    metrics.log({"step": 7, "loss": 0.5})
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [*lines[:2], {"stage": "pretrain",
+                                                                                       "step": 7, "loss": 0.5}]
+    MetricsLogger(tmp_path, "pretrain", False, WandbConfig(mode="disabled"), {}).rewind(0)  # other ranks: no-op
+    assert len(path.read_text().splitlines()) == 3
