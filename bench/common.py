@@ -5,6 +5,7 @@ bench/tokenize.py would otherwise shadow the standard library's `tokenize`.
 """
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import resource
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -60,6 +62,13 @@ def hardware() -> str:
         if "torch" in sys.modules:
             line += f", torch {sys.modules['torch'].__version__}"
     return line
+
+
+def quiet_logs() -> None:
+    """Warnings and errors only: DeepSpeed logs every engine build and save at INFO."""
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=UserWarning)
 
 
 def figures(row: dict | str) -> str:

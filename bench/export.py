@@ -48,6 +48,7 @@ def build(run_dir: Path, model_name: str, vocab: int, zero: int) -> None:
     from omegaconf import OmegaConf
 
     from pipeline.checkpoint import save_checkpoint
+    from pipeline.checkpoint_writer import BackgroundWriter
     from pipeline.config import DeepSpeedConfig, LaunchConfig, ModelConfig, PrecisionConfig, TrainConfig
     from pipeline.model import Transformer
     from pipeline.train import build_optimizer, deepspeed_config, init_distributed
@@ -75,6 +76,7 @@ def build(run_dir: Path, model_name: str, vocab: int, zero: int) -> None:
     ds = DeepSpeedConfig(name=f"zero{zero}", stage=zero)
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, train, ds, device),
                                       config=deepspeed_config(train, ds, PrecisionConfig(name="bf16"), 1, 1))
+    engine.checkpoint_engine = BackgroundWriter(background=False)  # what save_checkpoint writes through
     ids = torch.randint(4, vocab, (1, 33))
     _, loss = engine(ids[:, :-1], ids[:, 1:])
     engine.backward(loss)

@@ -47,21 +47,19 @@ import cProfile  # noqa: E402
 import gc  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
-import logging  # noqa: E402
 import pstats  # noqa: E402
 import random  # noqa: E402
 import shlex  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-import warnings  # noqa: E402
 from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from bench.common import hardware, print_table, record  # noqa: E402
+from bench.common import hardware, print_table, quiet_logs, record  # noqa: E402
 from pipeline.config import DeepSpeedConfig, LaunchConfig, ModelConfig, PrecisionConfig, TrainConfig  # noqa: E402
 from pipeline.metrics import peak_flops  # noqa: E402
 from pipeline.model import Transformer, flops_per_token, num_params  # noqa: E402
@@ -373,9 +371,7 @@ def main() -> None:
     args = parser.parse_args()
     command = shlex.join(["python", *sys.argv])
 
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=UserWarning)
+    quiet_logs()
     if args.threads:
         torch.set_num_threads(args.threads)
     load_start = os.getloadavg()[0]

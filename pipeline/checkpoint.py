@@ -1,9 +1,11 @@
 """Crash-safe DeepSpeed checkpoints: a checkpoint counts only once its completion record exists.
 
 DeepSpeed's own `latest` file is written by rank 0 before the other ranks finish, so it is never
-used. A save goes: every rank writes its DeepSpeed shards and RNG state into `step_NNNNNNNN/` and
-fsyncs them; barrier; the ranks hash the files in parallel (each its share); rank 0 lists every
-file with its size and sha256 into `complete.json` (temp, fsync, rename) and then moves the
+used. A save goes: every rank hands its DeepSpeed shards and RNG state for `step_NNNNNNNN/` to its
+writer (checkpoint_writer.py: a host copy, then temp name, sha256, fsync, rename on a background
+thread) and goes back to training. After its files the writer leaves a marker listing them with
+their sizes and sha256; rank 0's writer waits for every rank's marker, lists every file of the
+folder with its size and sha256 into `complete.json` (temp, fsync, rename) and then moves the
 `latest` pointer the same way. Resume takes the newest checkpoint whose record verifies (sizes,
 and the sha256 of every file, hashed by all ranks in parallel) and says which ones it skipped and
 why. Callers outside the process group (the stage runner, export) check sizes only.
@@ -14,13 +16,13 @@ and never from one whose record does not verify. Our own files (RNG states) load
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import random
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -62,9 +64,9 @@ def set_rng_state(state: dict) -> None:
 
 def _kill_point(step: int, point: str) -> None:
     """Test hook, PIPELINE_TEST_KILL_IN_SAVE=STEP:POINT[:RANK] (rank 0 by default): this rank SIGKILLs
-    itself at that point of the save of STEP, as a node failure would. Points, in order: `shards`
-    (its DeepSpeed shards written, before the barrier), `record` (every shard durable, before
-    complete.json), `pointer` (after complete.json, before `latest`), `prune` (before pruning)."""
+    itself at that point of the save of STEP, as a node failure would. Points, in order, all on the
+    rank's writer: `shards` (its files durable, before its marker), `record` (rank 0: every rank's
+    marker there, before complete.json), `pointer` (after complete.json, before `latest`), `prune`."""
     spec = os.environ.get("PIPELINE_TEST_KILL_IN_SAVE")
     if not spec:
         return
@@ -74,40 +76,64 @@ def _kill_point(step: int, point: str) -> None:
 
 
 def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, keep_last: int,
-                    digests: bool = True) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint folder. `digests`: record the sha256
-    of every file (the ranks hash in parallel), besides the sizes that are always recorded."""
-    rank = dist.get_rank()
+                    timeout_s: float = 600) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint folder, complete once the engine's
+    writer (checkpoint_writer.BackgroundWriter) has run the commit queued here: at once without a
+    background writer, else by the next `wait()`. `timeout_s`: how long rank 0's commit waits for the
+    other ranks' files."""
+    writer = engine.checkpoint_engine
+    writer.wait()  # the previous save is committed on this rank (one save in flight at a time)
+    rank, world = dist.get_rank(), dist.get_world_size()
     tag = tag_for(step)
     folder = root / tag
     if rank == 0 and folder.exists():  # leftovers of a save that never completed
         shutil.rmtree(folder)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    buffer = io.BytesIO()
-    torch.save(rng_state(), buffer)
-    atomic_write_bytes(folder / f"rng_rank{rank:05d}.pt", buffer.getvalue())
-    fsync_files(folder)
-    _kill_point(step, "shards")
-    dist.barrier()
-    # rank 0's listing is the record's: every rank hashes its share of exactly those files
-    names = [sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())]
-    dist.broadcast_object_list(names, src=0)
-    shares: list = [None] * dist.get_world_size()
-    dist.all_gather_object(shares, _hash_share(folder, names[0]) if digests else {})
-    if rank == 0:
-        record = {"step": step, "world_size": dist.get_world_size(), "trainer_state": redact_values(trainer_state),
-                  "files": {name: (folder / name).stat().st_size for name in names[0]}}
-        if digests:
-            record["sha256"] = {name: digest for share in shares for name, digest in share.items()}
-        _kill_point(step, "record")
-        atomic_write_json(folder / RECORD, record)
-        _kill_point(step, "pointer")
-        atomic_write_bytes(root / POINTER, tag.encode())
-        _kill_point(step, "prune")
-        prune(root, keep_last, current=folder)
-    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)  # DeepSpeed's files, through the writer
+    writer.save(rng_state(), str(folder / f"rng_rank{rank:05d}.pt"))
+    trainer_state = redact_values(trainer_state)
+    writer.submit(lambda: _commit(writer, folder, step, rank, world, trainer_state, keep_last, timeout_s))
+    if not writer.background:
+        dist.barrier()  # every rank returns with the checkpoint complete
     return folder
+
+
+def _marker(rank: int) -> str:
+    return f"written_rank{rank:05d}.json"
+
+
+def _commit(writer, folder: Path, step: int, rank: int, world: int, trainer_state: dict, keep_last: int,
+            timeout_s: float) -> None:
+    """On the writer, after this rank's files: its marker (its files' sizes and sha256); then, on rank 0,
+    once every rank's marker is there, the completion record, the `latest` pointer and the pruning."""
+    written = {str(Path(path).relative_to(folder)): entry for path, entry in writer.written.items()}
+    writer.written.clear()
+    fsync_dir(folder)
+    _kill_point(step, "shards")
+    atomic_write_json(folder / _marker(rank), written)
+    if rank != 0:
+        return
+    deadline = time.monotonic() + timeout_s
+    while missing := [r for r in range(world) if not (folder / _marker(r)).is_file()]:
+        if time.monotonic() > deadline:
+            raise PipelineError(f"checkpoint {folder}: rank(s) {missing} did not finish writing within "
+                                f"{timeout_s:.0f} s (launch.timeout_s)")
+        time.sleep(0.05)
+    digests = {}
+    for r in range(world):
+        digests.update({name: digest for name, (_, digest) in json.loads((folder / _marker(r)).read_text()).items()})
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                   if p.is_file() and p.name != RECORD and not p.name.endswith(".tmp"))
+    record = {"step": step, "world_size": world, "trainer_state": trainer_state,
+              "files": {name: (folder / name).stat().st_size for name in names}}
+    if writer.digests:  # files no marker lists (DeepSpeed's recovery scripts, the markers) are hashed here
+        record["sha256"] = {name: digests.get(name) or sha256_file(folder / name) for name in names}
+    _kill_point(step, "record")
+    atomic_write_json(folder / RECORD, record)
+    _kill_point(step, "pointer")
+    atomic_write_bytes(folder.parent / POINTER, folder.name.encode())
+    _kill_point(step, "prune")
+    prune(folder.parent, keep_last, current=folder)
 
 
 def _hash_share(folder: Path, names: list[str], collective: bool = True) -> dict[str, str]:
@@ -115,18 +141,6 @@ def _hash_share(folder: Path, names: list[str], collective: bool = True) -> dict
     or of all of them outside a collective."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if collective and dist.is_initialized() else (0, 1)
     return {name: sha256_file(folder / name) for name in names[rank::world]}
-
-
-def fsync_files(folder: Path) -> None:
-    """Make the checkpoint's files durable before rank 0 vouches for them (other ranks may still be
-    renaming their own files: a file that vanished under us is theirs to sync)."""
-    for path in folder.rglob("*"):
-        if path.is_file() and not path.name.endswith(".tmp"):
-            try:
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
-            except FileNotFoundError:
-                pass
 
 
 def verify(folder: Path, digests: bool = False, collective: bool = False) -> tuple[dict | None, str]:

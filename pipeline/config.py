@@ -95,6 +95,9 @@ class TrainConfig:
     keep_last: int = 2
     resume: str = "auto"  # auto: newest complete checkpoint of this run; none; or a checkpoint path
     verify_shards: str = "full"  # full (sha256) | size | off
+    # a save blocks training only for a host copy of the state (pinned on GPU, kept for the next save);
+    # a writer thread per rank writes it. false: write before training goes on, no extra host memory
+    async_checkpoint: bool = True
     checkpoint_sha256: bool = True  # record every checkpoint file's sha256 (ranks hash in parallel); resume checks it
     nonfinite: str = "skip"  # non-finite loss or gradient norm: skip the update on every rank, or stop
     max_nonfinite_skips: int = 5  # consecutive skipped updates (non-finite or spike) tolerated, then stop

@@ -207,6 +207,11 @@ def _set_timeout(seconds: float) -> None:
     _current_timeout = seconds
 
 
+def long_timeout_s() -> float:
+    """launch.timeout_s: how long slow work that peers wait on (init, checkpoint writes) may take."""
+    return _timeouts[0] or 600.0
+
+
 def use_step_timeout() -> None:
     """After the first step: a dead or hung peer now fails the job within launch.step_timeout_s."""
     _set_timeout(_timeouts[1])

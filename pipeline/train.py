@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from . import control
 from .checkpoint import find_resumable, load_checkpoint, save_checkpoint, verify
+from .checkpoint_writer import BackgroundWriter
 from .config import DeepSpeedConfig, LaunchConfig, PrecisionConfig, TrainConfig
 from .errors import PipelineError
 from .metrics import MetricsLogger, peak_flops
@@ -177,7 +178,9 @@ def build_engine(model_cfg, train: TrainConfig, ds: DeepSpeedConfig, precision: 
         compile_blocks(model)
     optimizer = build_optimizer(model, train, ds, device)
     config = deepspeed_config(train, ds, precision, train.micro_batch_size, grad_accum)
-    return initialize_engine(model, optimizer, config, ds.stage), num_parameters
+    engine = initialize_engine(model, optimizer, config, ds.stage)
+    engine.checkpoint_engine = BackgroundWriter(background=train.async_checkpoint, digests=train.checkpoint_sha256)
+    return engine, num_parameters
 
 
 def grad_accumulation(train: TrainConfig, world_size: int) -> int:
@@ -319,18 +322,27 @@ class Trainer:
             # step boundary: the ranks agreed on preemption in this step's control all-reduce (_skip_reason)
             if self._preempt_agreed and step < train.max_steps:
                 saved = saved or self.save()
+                self.finish_saves()
                 self.metrics.finish()
                 raise control.Preempted(f"{self.stage}: preempted at step {step}; checkpoint {saved}; "
                                         f"rerun the same command to resume")
             control.use_step_timeout()  # the first step (warm-up, compilation) ran under launch.timeout_s
         control.use_long_timeout()  # what follows the loop (final evals, the next stage) may take long
+        self.finish_saves()
         return self.state
 
     def save(self) -> Path:
+        """Start a checkpoint save; training goes on while the writer finishes it (finish_saves)."""
         self.state.loader = self.loader.state_dict()
         with control.long_timeout():  # writing to slow storage may outlast launch.step_timeout_s
             return save_checkpoint(self.engine, self.checkpoint_root, self.state.step, asdict(self.state),
-                                   self.train.keep_last, digests=self.train.checkpoint_sha256)
+                                   self.train.keep_last, timeout_s=control.long_timeout_s())
+
+    def finish_saves(self) -> None:
+        """Collective: returns once the last checkpoint started is complete (its record written)."""
+        self.engine.checkpoint_engine.wait()
+        with control.long_timeout():
+            dist.barrier()  # rank 0's writer commits last
 
     # -- skipped updates ----------------------------------------------------------------------------
     def _skip_reason(self, step_loss: torch.Tensor) -> str | None:
@@ -388,6 +400,7 @@ class Trainer:
             why = f"{reason} at step {step} ({key}.nonfinite=stop)"
         else:
             return
+        self.finish_saves()
         found = find_resumable(self.checkpoint_root)
         good = f"the last good checkpoint is {found[0]}" if found else "there is no complete checkpoint yet"
         raise PipelineError(f"{self.stage}: {why}; {good}: lower {key}.lr or check the data, then rerun "

@@ -188,7 +188,8 @@ def test_an_explicit_resume_folder_must_verify(tmp_path, data_run):
     one error line before DeepSpeed unpickles anything; a folder that verifies resumes."""
     run_dir = fresh_run(data_run, tmp_path)
     common = (f"run_dir={run_dir}", "stages=[pretrain]", *TINY, "deepspeed=zero2", "precision=fp32",
-              "train.save_interval=1", "train.eval_interval=100", "launch.nproc_per_node=2")
+              "train.save_interval=1", "train.eval_interval=100", "launch.nproc_per_node=2",
+              "train.async_checkpoint=false")  # the writer without its thread (the other tests use it)
     assert run_cli(*common, "train.max_steps=3").returncode == 0
     bad_file = flip_a_byte(run_dir, 3)
     bad, good = checkpoints(run_dir) / tag_for(3), checkpoints(run_dir) / tag_for(2)

@@ -1,0 +1,149 @@
+"""Checkpoint files written in the background: a save blocks training only for a host copy of the state.
+
+DeepSpeed hands every file of a save to its checkpoint engine's `save(state_dict, path)`. This
+engine copies the state's tensors into host buffers kept for the next save (pinned on a GPU, so the
+copy runs at full transfer speed) and returns; one writer thread per rank then writes
+each file under a temp name, hashes it, fsyncs it and renames it. Jobs run in submission order, so
+the commit that checkpoint.py queues after a save's files runs once they are all durable. One save
+is in flight at a time: `wait()` (the next save, the end of training, a preemption) blocks until the
+queue is empty and raises the first failure as one clear error.
+
+With `background=False` every job runs at once in the caller and nothing is copied (no extra host
+memory, for states that already fill it, such as ZeRO offload).
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import os
+import queue
+import threading
+from pathlib import Path
+from typing import Callable
+
+import torch
+from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+
+from .errors import PipelineError
+from .fsutil import sha256_file
+
+log = logging.getLogger(__name__)
+
+
+class BackgroundWriter(CheckpointEngine):
+    def __init__(self, background: bool = True, digests: bool = True):
+        super().__init__(None)
+        self.name = "pipeline.BackgroundWriter"
+        self.background, self.digests = background, digests
+        self.written: dict[str, tuple[int, str | None]] = {}  # path -> (size, sha256) since the last commit
+        self._jobs: queue.Queue = queue.Queue()
+        self._failure: str | None = None
+        self._buffers: dict[tuple[str, int], torch.Tensor] = {}  # host copies, reused save after save
+        self._thread: threading.Thread | None = None
+
+    # -- DeepSpeed's checkpoint-engine interface --------------------------------------------------
+    def create(self, info) -> None:
+        pass
+
+    def save(self, state_dict, path: str) -> None:
+        if not self.background:
+            return self._write(state_dict, Path(path))
+        snapshot = self.host_copy(state_dict, Path(path).name)
+        self.submit(lambda: self._write(snapshot, Path(path)))
+
+    def load(self, path: str, map_location=None):
+        # DeepSpeed's own files are pickles of its state: only folders whose record verified get here.
+        # mmap: DeepSpeed copies the tensors into place straight from the page cache (350m on CPU: 7.4 s → 0.4 s)
+        return torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+
+    def commit(self, info) -> bool:
+        return True  # checkpoint.save_checkpoint queues the real commit after its own files
+
+    # -- the queue ----------------------------------------------------------------------------------
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run `job` after every job before it (at once without a background thread)."""
+        if not self.background:
+            return job()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="checkpoint-writer", daemon=True)
+            self._thread.start()
+        self._jobs.put(job)
+
+    def idle(self) -> bool:
+        """No job queued or running."""
+        return self._jobs.unfinished_tasks == 0
+
+    def wait(self) -> None:
+        """Block until every submitted job has run; raise if one failed (the rest are dropped)."""
+        if self._thread is not None:
+            self._jobs.join()
+        if self._failure:
+            failure, self._failure = self._failure, None
+            raise PipelineError(f"writing a checkpoint failed: {failure}")
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if self._failure is None:  # after a failure the save is lost: skip its remaining jobs
+                    job()
+            except Exception as exc:  # reported by the next wait() on the training thread
+                log.error("checkpoint writer: %s", exc)
+                self._failure = f"{type(exc).__name__}: {exc}"
+            finally:
+                self._jobs.task_done()
+
+    # -- one file -----------------------------------------------------------------------------------
+    def _write(self, state, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        digest = sha256_file(tmp) if self.digests else None  # from the page cache, right after writing
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        self.written[str(path)] = (path.stat().st_size, digest)
+
+    def host_copy(self, state, name: str):
+        """A copy of `state` that later training cannot change: tensors copied to host memory (the same
+        view of one storage met twice is copied once, so tied weights stay tied), containers rebuilt, other values
+        deep-copied (an optimizer's param_groups are live dicts whose lr changes every step)."""
+        copies: dict[tuple, torch.Tensor] = {}
+        slots = itertools.count()
+        on_gpu = False
+
+        def walk(value):
+            nonlocal on_gpu
+            if isinstance(value, torch.Tensor):
+                # state_dict() detaches each entry anew: tied weights are two tensors on one storage
+                key = (value.device, value.dtype, value.untyped_storage().data_ptr(), value.storage_offset(),
+                       tuple(value.shape), value.stride())
+                if key not in copies:
+                    on_gpu |= value.device.type == "cuda"
+                    copies[key] = self._host_tensor(value.detach(), (name, next(slots)))
+                return copies[key]
+            if isinstance(value, dict):
+                rebuilt = copy.copy(value)  # keeps the dict's type (OrderedDict, ...)
+                for key, item in value.items():
+                    rebuilt[key] = walk(item)
+                return rebuilt
+            if isinstance(value, list):
+                return [walk(item) for item in value]
+            if isinstance(value, tuple):
+                items = [walk(item) for item in value]
+                return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+            return copy.deepcopy(value)
+
+        snapshot = walk(state)
+        if on_gpu:
+            torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
+        return snapshot
+
+    def _host_tensor(self, tensor: torch.Tensor, slot: tuple[str, int]) -> torch.Tensor:
+        # Buffers are kept for the next save: fresh pages cost a fault each (a 350m state copied into
+        # new memory took 4.8 s on CPU), fresh pinned memory costs more still.
+        buffer = self._buffers.get(slot)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.device.type == "cuda")
+            self._buffers[slot] = buffer
+        return buffer.copy_(tensor, non_blocking=True)
