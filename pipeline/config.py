@@ -208,6 +208,8 @@ def validate(cfg: PipelineConfig) -> None:
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise PipelineError(f"unknown stage(s) {unknown} in stages=; choose from {list(STAGES)}")
+    if not cfg.stages:
+        raise PipelineError(f"stages=[] runs nothing; name one or more of {list(STAGES)} (or drop stages= for all)")
     if cfg.data.source not in ("default", "files"):
         raise PipelineError(f"data.source={cfg.data.source!r}: use data=default or data=files")
     if not 0 <= cfg.data.val_fraction < 1:

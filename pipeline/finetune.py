@@ -24,7 +24,7 @@ from .config import ModelConfig, PipelineConfig
 from .errors import PipelineError
 from .metrics import MetricsLogger
 from .tokenizer import load_tokenizer
-from .train import Trainer, build_engine, grad_accumulation, init_distributed
+from .train import Trainer, build_engine, grad_accumulation, init_distributed, model_for_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -281,13 +281,7 @@ def main(cfg: PipelineConfig, run_dir: Path, resolved_config: dict) -> None:
     resuming = will_resume(cfg, run_dir)
     source = resolve_init(cfg, run_dir, need_weights=not resuming)
     sp = load_tokenizer(source.tokenizer)
-    model_cfg = replace(source.model, vocab_size=source.model.vocab_size or sp.get_piece_size())
-    if model_cfg.vocab_size < sp.get_piece_size():
-        raise PipelineError(f"the model's vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
-                            f"{sp.get_piece_size()} ({source.tokenizer})")
-    if ft.seq_len > model_cfg.max_seq_len:
-        raise PipelineError(f"finetune.seq_len={ft.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}; "
-                            f"lower finetune.seq_len")
+    model_cfg = model_for_tokenizer(source.model, sp.get_piece_size(), ft.seq_len, "finetune", source.tokenizer)
     if not ft.data.paths:  # the built-in instruction set: written with the default corpus (rank 0 only)
         if rank == 0:
             from .default_corpus import write_default_corpus

@@ -2,17 +2,16 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch.distributed as dist
 
 from . import autobatch
 from .config import PipelineConfig
-from .errors import PipelineError
 from .metrics import MetricsLogger
 from .tokenizer import load_tokenizer
-from .train import Trainer, build_engine, grad_accumulation, init_distributed
+from .train import Trainer, build_engine, grad_accumulation, init_distributed, model_for_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +28,9 @@ def main(cfg: PipelineConfig, run_dir: Path, resolved_config: dict) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     train = cfg.train
     sp = load_tokenizer(run_dir / "tokenizer" / "tokenizer.model")
-    model_cfg = replace(cfg.model, vocab_size=cfg.model.vocab_size or sp.get_piece_size())
-    if model_cfg.vocab_size < sp.get_piece_size():
-        raise PipelineError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
-                            f"{sp.get_piece_size()}; leave model.vocab_size unset")
-    if train.seq_len > model_cfg.max_seq_len:
-        raise PipelineError(f"train.seq_len={train.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len} "
-                            f"of model={model_cfg.name}; lower train.seq_len or raise model.max_seq_len")
-    shards = run_dir / "shards"
     tokenizer_path = run_dir / "tokenizer" / "tokenizer.model"
+    model_cfg = model_for_tokenizer(cfg.model, sp.get_piece_size(), train.seq_len, "train", tokenizer_path)
+    shards = run_dir / "shards"
     stream = open_split(shards, "train", tokenizer_path, verify=train.verify_shards)
     # micro_batch_size=auto: probed now, before the loader and the engine are built from it
     train = autobatch.resolve(train, "train", model_cfg, cfg.deepspeed, cfg.precision, device)

@@ -14,7 +14,7 @@ import os
 import resource
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Iterable
@@ -181,6 +181,19 @@ def build_engine(model_cfg, train: TrainConfig, ds: DeepSpeedConfig, precision: 
     engine = initialize_engine(model, optimizer, config, ds.stage)
     engine.checkpoint_engine = BackgroundWriter(background=train.async_checkpoint, digests=train.checkpoint_sha256)
     return engine, num_parameters
+
+
+def model_for_tokenizer(model_cfg, pieces: int, seq_len: int, key: str, tokenizer: Path):
+    """`model_cfg` with vocab_size from the tokenizer where unset; refuses a vocabulary smaller than the
+    tokenizer's and `{key}.seq_len` beyond the model's max_seq_len."""
+    model_cfg = replace(model_cfg, vocab_size=model_cfg.vocab_size or pieces)
+    if model_cfg.vocab_size < pieces:
+        raise PipelineError(f"the model's vocab_size={model_cfg.vocab_size} is smaller than the {pieces} pieces of "
+                            f"{tokenizer}; leave model.vocab_size unset to take the tokenizer's")
+    if seq_len > model_cfg.max_seq_len:
+        raise PipelineError(f"{key}.seq_len={seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len} of "
+                            f"model={model_cfg.name}; lower {key}.seq_len")
+    return model_cfg
 
 
 def grad_accumulation(train: TrainConfig, world_size: int) -> int:

@@ -46,6 +46,7 @@ def assert_fails_well(proc, phrase: str, run_dir: Path, stage: str, before: set[
 CONFIG_CASES = {
     "unknown model preset": (["model=nope"], "Could not find 'model/nope'"),
     "unknown stage": (["stages=[tokenize,shard,pretrain,exprot]"], "unknown stage(s) ['exprot']"),
+    "no stage": (["stages=[]"], "stages=[] runs nothing"),
     # and without Hydra's advice to append it as +train.nope=1, which the closed schema refuses as well
     "unknown key": (["train.nope=1"], "Could not override 'train.nope'. Key 'nope' not in 'TrainConfig'"),
     "unknown key appended": (["+train.nope=1"], "unknown config key(s) ['train.nope']"),

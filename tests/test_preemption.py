@@ -123,12 +123,18 @@ def assert_preempted_with_one_checkpoint(run: Run) -> int:
     return step
 
 
-def test_sigterm_to_one_rank_checkpoints_all_exits_0_and_the_rerun_resumes(tmp_path, small_run, runs):
+def running_at_step_3(tmp_path, small_run, runs, *overrides) -> Run:
+    """A 2-rank pretrain launch on a copy of the small run's data, past its third step."""
     run_dir = copy_data(small_run, tmp_path)
-    args = command(run_dir)
-    run = Run(run_dir, args)
+    run = Run(run_dir, command(run_dir, *overrides))
     runs.append(run)
     run.wait_for_step(3)
+    return run
+
+
+def test_sigterm_to_one_rank_checkpoints_all_exits_0_and_the_rerun_resumes(tmp_path, small_run, runs):
+    run = running_at_step_3(tmp_path, small_run, runs)
+    run_dir, args = run.run_dir, command(run.run_dir)
     run.ranks()[1].send_signal(signal.SIGTERM)  # rank 0 never sees a signal: it must agree all the same
     run.wait(timeout=120)
     step = assert_preempted_with_one_checkpoint(run)
@@ -142,11 +148,9 @@ def test_sigterm_to_one_rank_checkpoints_all_exits_0_and_the_rerun_resumes(tmp_p
 
 
 def test_sigusr1_to_the_launching_process_reaches_the_ranks_and_no_later_stage_runs(tmp_path, small_run, runs):
-    run_dir = copy_data(small_run, tmp_path)
     # export would run in this very process after pretrain, from the checkpoint the preemption wrote
-    run = Run(run_dir, command(run_dir, "stages=[pretrain,export]", "export.source=pretrain"))
-    runs.append(run)
-    run.wait_for_step(3)
+    run = running_at_step_3(tmp_path, small_run, runs, "stages=[pretrain,export]", "export.source=pretrain")
+    run_dir = run.run_dir
     run.ranks()  # both ranks are up
     os.kill(run.proc.pid, signal.SIGUSR1)
     run.wait(timeout=120)
@@ -155,11 +159,8 @@ def test_sigusr1_to_the_launching_process_reaches_the_ranks_and_no_later_stage_r
 
 
 def test_a_killed_rank_makes_the_others_and_the_launcher_fail_fast(tmp_path, small_run, runs):
-    run_dir = copy_data(small_run, tmp_path)
-    run = Run(run_dir, command(run_dir, "launch.step_timeout_s=20"))
-    runs.append(run)
-    run.wait_for_step(3)
-    ranks = run.ranks()
+    run = running_at_step_3(tmp_path, small_run, runs, "launch.step_timeout_s=20")
+    run_dir, ranks = run.run_dir, run.ranks()
     ranks[1].send_signal(signal.SIGKILL)
     killed = time.monotonic()
     status = run.wait(timeout=60)
@@ -177,10 +178,7 @@ def test_a_killed_rank_makes_the_others_and_the_launcher_fail_fast(tmp_path, sma
 def test_a_hung_rank_fails_the_job_within_the_step_timeout(tmp_path, small_run, runs):
     """A stopped rank answers nothing: the others give up after launch.step_timeout_s (not the 600 s of
     launch.timeout_s that covered the first step)."""
-    run_dir = copy_data(small_run, tmp_path)
-    run = Run(run_dir, command(run_dir, "launch.step_timeout_s=8"))
-    runs.append(run)
-    run.wait_for_step(3)
+    run = running_at_step_3(tmp_path, small_run, runs, "launch.step_timeout_s=8")
     ranks = run.ranks()
     ranks[1].send_signal(signal.SIGSTOP)
     stopped = time.monotonic()
