@@ -57,6 +57,10 @@ class MetricsLogger:
                                      group=shown["group"], tags=shown["tags"], config=shown["config"],
                                      dir=str(run_dir), mode=wandb_mode(wandb_cfg), job_type=stage, resume="allow",
                                      id=f"{run_dir.name}-{stage}".replace("/", "-")[:64], settings=settings)
+            # Charts plot against our step, not wandb's own: a resumed run logs again the steps after its
+            # checkpoint, which wandb would drop as lower than the last step it saw (HF's Trainer does the same)
+            self._wandb.define_metric(f"{stage}/step")
+            self._wandb.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -68,7 +72,7 @@ class MetricsLogger:
         log.info("%s: %s", self.stage, shown)
         if self._wandb is not None:
             self._wandb.log({f"{self.stage}/{k}": v for k, v in record.items()
-                             if k not in ("stage", "step") and isinstance(v, (int, float))}, step=record["step"])
+                             if k != "stage" and isinstance(v, (int, float))})
 
     def rewind(self, step: int) -> None:
         """After a resume from `step`: drop this stage's records past it (the run before the crash logged

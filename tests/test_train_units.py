@@ -107,3 +107,36 @@ def test_metrics_rewind_drops_the_stage_records_past_the_resumed_step(tmp_path):
                                                                                        "step": 7, "loss": 0.5}]
     MetricsLogger(tmp_path, "pretrain", False, WandbConfig(mode="disabled"), {}).rewind(0)  # other ranks: no-op
     assert len(path.read_text().splitlines()) == 3
+
+
+class MonotonicWandbRun:
+    """wandb's rule for a resumed run: a log(step=N) below the last step seen is dropped."""
+
+    def __init__(self, last_step: int):
+        self.last_step, self.kept, self.metrics = last_step, [], {}
+
+    def define_metric(self, name, step_metric=None):
+        self.metrics[name] = step_metric
+
+    def log(self, data, step=None):
+        if step is not None and step < self.last_step:
+            return  # wandb warns and drops it
+        self.last_step = step if step is not None else self.last_step + 1
+        self.kept.append(data)
+
+
+def test_wandb_keeps_the_steps_a_resumed_run_logs_again(tmp_path, monkeypatch):
+    """The run before the crash logged up to step 8 and resumes from step 6: steps 7 and 8 come again and
+    must reach wandb, charted against the stage's own step."""
+    import wandb
+
+    from pipeline.config import WandbConfig
+    from pipeline.metrics import MetricsLogger
+
+    run = MonotonicWandbRun(last_step=8)
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: run)
+    metrics = MetricsLogger(tmp_path, "pretrain", True, WandbConfig(mode="offline"), {})
+    for step in (7, 8, 9):
+        metrics.log({"step": step, "loss": 1.0 / step})
+    assert [r["pretrain/step"] for r in run.kept] == [7, 8, 9] and run.kept[0]["pretrain/loss"] == 1 / 7
+    assert run.metrics == {"pretrain/step": None, "pretrain/*": "pretrain/step"}
