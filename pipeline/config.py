@@ -117,7 +117,8 @@ class FinetuneConfig(TrainConfig):
     """Supervised fine-tuning on the same engine; every TrainConfig key applies, under finetune."""
     init: str = "pretrain"  # this run's pretrained weights, or a path to an HF export folder
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
-    pack: bool = True  # several examples per sequence (attention still crosses them; loss is masked)
+    pack: bool = True  # several examples per sequence; the loss is on answers only
+    pack_isolate: bool = True  # a packed example attends only to itself (false: to the ones before it too)
     eval_exact_match: int = 200  # held-out questions answered greedily before and after; 0: skip
     max_new_tokens: int = 16
     max_steps: int = 200

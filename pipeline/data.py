@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 VERIFY_MODES = ("full", "size", "off")
-Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, labels), int64 [batch, seq_len]
+Batch = tuple[torch.Tensor, ...]  # (inputs, labels[, segments]), int64 [batch, seq_len]
 
 
 class TokenStream:

@@ -289,7 +289,8 @@ def main(cfg: PipelineConfig, run_dir: Path, resolved_config: dict) -> None:
             write_default_corpus(default_instructions_dir(run_dir), seed=cfg.data.seed,
                                  num_documents=cfg.data.default_num_documents)
         dist.barrier()
-    data = sft_data.build(ft.data, default_instructions_dir(run_dir), sp, ft.seq_len, ft.pack, ft.eval_exact_match)
+    data = sft_data.build(ft.data, default_instructions_dir(run_dir), sp, ft.seq_len, ft.pack, ft.eval_exact_match,
+                          ft.pack_isolate)
     # micro_batch_size=auto: probed now, before the loaders and the engine are built from it
     ft = autobatch.resolve(ft, "finetune", model_cfg, cfg.deepspeed, cfg.precision, device)
     grad_accum = grad_accumulation(ft, world)

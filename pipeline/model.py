@@ -76,7 +76,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -94,7 +95,9 @@ class Attention(nn.Module):
                 v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         S = k.shape[2]
         dropout = self.dropout if self.training else 0.0
-        if S == T:
+        if mask is not None:  # packed examples: causal within each one (no flash kernel on GPU)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, **gqa)
+        elif S == T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, **gqa)
         else:
             # The T queries are the last T of S positions (a cache holds the rest); is_causal would
@@ -125,8 +128,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, kv_cache, start_pos)
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, kv_cache, start_pos, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -179,24 +183,30 @@ class Transformer(nn.Module):
         return [KVCache(weight.new_zeros(shape), weight.new_zeros(shape)) for _ in self.layers]
 
     def forward(self, idx: torch.Tensor, labels: torch.Tensor | None = None,
-                kv_cache: list[KVCache] | None = None, start_pos: int = 0):
+                kv_cache: list[KVCache] | None = None, start_pos: int = 0, segments: torch.Tensor | None = None):
         """Logits [B, T, vocab] for every position of idx [B, T]; with labels, (logits, loss).
 
         labels[b, t] is the token that should follow idx[b, t] (already shifted, nanoGPT style);
         IGNORE_INDEX positions carry no loss. The loss is the fp32 mean cross-entropy over the rest.
         With kv_cache, idx holds positions start_pos .. start_pos + T - 1 and the cache the earlier ones.
+        segments [B, T] (packed fine-tuning examples): a position attends only to earlier positions of its
+        own segment. Rotary embeddings are relative, so positions need not restart at each segment.
         """
         T = idx.shape[1]
         if start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        mask = None
+        if segments is not None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+            mask = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]  # [B, 1, T, T]
         recompute = self.cfg.activation_checkpointing and self.training and kv_cache is None
         h = self.tok_embeddings(idx)
         for i, layer in enumerate(self.layers):
             if recompute:
-                h = checkpoint(layer, h, cos, sin, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, None, 0, mask, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, None if kv_cache is None else kv_cache[i], start_pos)
+                h = layer(h, cos, sin, None if kv_cache is None else kv_cache[i], start_pos, mask)
         logits = self.output(self.norm(h))
         if labels is None:
             return logits

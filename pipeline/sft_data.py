@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
+import torch
 
 from .chat import ROLES, render
 from .config import FinetuneDataConfig
@@ -240,10 +241,11 @@ class SFTSequences:
     """
 
     def __init__(self, conversations: list[Conversation], sp, seq_len: int, pack: bool, name: str = "train",
-                 pad_id: int | None = None):
+                 pad_id: int | None = None, isolate: bool = False):
         if seq_len < 2:
             raise PipelineError(f"finetune.seq_len={seq_len} is too short for a conversation")
         self.seq_len, self.pack, self.name = seq_len, pack, name
+        self.isolate = isolate and pack  # batches carry segment ids: a packed example attends only to itself
         self.pad_id = pad_id if pad_id is not None else (sp.pad_id() if sp.pad_id() >= 0 else sp.eos_id())
         self.stats = SequenceStats(examples=len(conversations))
         examples = self._fit(encode_many(sp, [c.messages for c in conversations]), conversations)
@@ -259,6 +261,10 @@ class SFTSequences:
         label_of = [np.where(examples[i][1], examples[i][0], IGNORE_INDEX).astype(np.int32) for i in order]
         self.ids = np.concatenate(ids) if ids else np.zeros(0, np.int32)
         self.label_of = np.concatenate(label_of) if label_of else np.zeros(0, np.int32)
+        # segment_of[k]: which example of its sequence token k belongs to (0, 1, ...)
+        members = bins if pack else [[i] for i in order]
+        self.segment_of = np.concatenate([np.full(lengths[i], j, np.int32) for bin_ in members
+                                          for j, i in enumerate(bin_)]) if order else np.zeros(0, np.int32)
         self.lengths = seq_lengths
         self.starts = np.concatenate([[0], np.cumsum(seq_lengths)[:-1]]).astype(np.int64)
         self.stats.sequences = len(seq_lengths)
@@ -312,18 +318,22 @@ class SFTSequences:
         return 1.0 - used / slots
 
     def batch(self, sequence_ids: np.ndarray, pin_memory: bool = False) -> Batch:
-        """(inputs, labels) int64 [len(sequence_ids), width]: padding has the pad id and label -100."""
-        width = self.width(sequence_ids)
-        inputs = _alloc((len(sequence_ids), width), pin_memory)
-        labels = _alloc((len(sequence_ids), width), pin_memory)
+        """(inputs, labels) int64 [len(sequence_ids), width]: padding has the pad id and label -100. With
+        `isolate`, also segments: each position's example within its sequence (-1 for padding)."""
+        shape = (len(sequence_ids), self.width(sequence_ids))
+        inputs, labels = _alloc(shape, pin_memory), _alloc(shape, pin_memory)
+        segments = _alloc(shape, pin_memory) if self.isolate else torch.empty(0, dtype=torch.int64)
         inputs.fill_(self.pad_id)
         labels.fill_(IGNORE_INDEX)
-        inputs_np, labels_np = inputs.numpy(), labels.numpy()
+        segments.fill_(-1)
+        inputs_np, labels_np, segments_np = inputs.numpy(), labels.numpy(), segments.numpy()
         for row, j in enumerate(np.asarray(sequence_ids).tolist()):
             start, n = int(self.starts[j]), int(self.lengths[j])
             inputs_np[row, :n - 1] = self.ids[start:start + n - 1]
             labels_np[row, :n - 1] = self.label_of[start + 1:start + n]
-        return inputs, labels
+            if self.isolate:
+                segments_np[row, :n - 1] = self.segment_of[start:start + n - 1]
+        return (inputs, labels, segments) if self.isolate else (inputs, labels)
 
 
 def first_fit(lengths: np.ndarray, capacity: int) -> list[list[int]]:
@@ -485,9 +495,9 @@ class SFTData:
 
 
 def build(data_cfg: FinetuneDataConfig, default_dir: Path, sp, seq_len: int, pack: bool,
-          exact_match: int) -> SFTData:
+          exact_match: int, isolate: bool = True) -> SFTData:
     splits = load_splits(data_cfg, default_dir)
-    train = SFTSequences(splits.train, sp, seq_len, pack, "train")
-    held = SFTSequences(splits.held_out, sp, seq_len, pack, "held-out") if splits.held_out else None
+    train = SFTSequences(splits.train, sp, seq_len, pack, "train", isolate=isolate)
+    held = SFTSequences(splits.held_out, sp, seq_len, pack, "held-out", isolate=isolate) if splits.held_out else None
     return SFTData(train, held, exact_match_questions(splits.held_out, sp, exact_match), splits.description)
 

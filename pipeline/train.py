@@ -294,10 +294,8 @@ class Trainer:
             micro_batches = self.loader.next_global_batch()
             step_loss = torch.zeros((), device=self.device)
             poison = _test_loss_factor(self.state.step + 1)
-            for index, (inputs, labels) in enumerate(micro_batches):
-                inputs = inputs.to(self.device, non_blocking=True)
-                labels = labels.to(self.device, non_blocking=True)
-                _, loss = engine(inputs, labels)
+            for index, batch in enumerate(micro_batches):
+                loss = self._forward(batch)
                 if poison is not None and index == 0:
                     loss = loss * poison  # test hook: a NaN (or spiking) loss, and its gradients
                 engine.backward(loss)
@@ -419,12 +417,18 @@ class Trainer:
         raise PipelineError(f"{self.stage}: {why}; {good}: lower {key}.lr or check the data, then rerun "
                             f"(train.resume=auto continues from it)")
 
+    def _forward(self, batch) -> torch.Tensor:
+        """The loss of one micro batch (inputs, labels[, segments of packed examples])."""
+        inputs, labels, *segments = (t.to(self.device, non_blocking=True) for t in batch)
+        _, loss = self.engine(inputs, labels, segments=segments[0] if segments else None)
+        return loss
+
     @torch.no_grad()
     def evaluate(self) -> float | None:
         self.engine.eval()
         total = torch.zeros(2, device=self.device, dtype=torch.float64)
-        for inputs, labels in self.eval_batches:  # re-iterable: the same batches every time
-            _, loss = self.engine(inputs.to(self.device), labels.to(self.device))
+        for batch in self.eval_batches:  # re-iterable: the same batches every time
+            loss = self._forward(batch)
             total += torch.stack([loss.detach().double(), torch.ones((), device=self.device, dtype=torch.float64)])
         dist.all_reduce(total)
         self.engine.train()

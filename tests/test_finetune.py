@@ -148,6 +148,24 @@ def test_packing_truncation_and_padding(tmp_path, sp):
     assert "lost" not in sp.decode(packed.label_of[packed.label_of >= 0].tolist())
 
 
+def test_isolated_packing_gives_each_example_its_segment(tmp_path, sp):
+    """Segment ids number the examples of each packed sequence from 0, each run starting at an
+    <|im_start|>, one run per kept example; padding is -1. Unpacked data carries none."""
+    convs = conversations(tmp_path, varied_records(40))
+    packed = S.SFTSequences(convs, sp, 128, pack=True, isolate=True)
+    inputs, labels, segments = packed.batch(np.arange(len(packed)))
+    start, runs = sp.piece_to_id("<|im_start|>"), 0
+    for row in range(len(packed)):
+        n = int(packed.lengths[row]) - 1
+        ids, seg = inputs[row, :n].numpy(), segments[row, :n].numpy()
+        assert (segments[row, n:] == -1).all() and seg[0] == 0 and ids[0] == start
+        boundaries = np.flatnonzero(np.diff(seg)) + 1
+        assert (ids[boundaries] == start).all() and np.array_equal(seg[boundaries], np.arange(1, len(boundaries) + 1))
+        runs += len(boundaries) + 1
+    assert runs == packed.stats.kept == 40 and int(segments.max()) > 0
+    assert len(S.SFTSequences(convs, sp, 128, pack=False, isolate=True).batch(np.arange(2))) == 2
+
+
 def test_first_fit_is_deterministic_and_never_overfills():
     lengths = np.random.default_rng(0).integers(1, 60, 500)
     bins = S.first_fit(lengths, 64)

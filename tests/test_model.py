@@ -175,6 +175,23 @@ def test_causality():
     assert not torch.allclose(before[:, 15:], after[:, 15:])
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_segments_see_only_themselves(checkpointing):
+    """Two examples packed in one row with their segment ids (and padding) give each example the logits it
+    has alone, at position 0: attention stays inside a segment and rotary embeddings are relative.
+    Without the segments the second example's logits change (it attends to the first)."""
+    model = build(tiny_config(activation_checkpointing=checkpointing)).eval()
+    generator = torch.Generator().manual_seed(9)
+    first, second = torch.randint(0, VOCAB, (1, 7), generator=generator), torch.randint(0, VOCAB, (1, 9), generator=generator)
+    packed = torch.cat([first, second, torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    segments = torch.tensor([[0] * 7 + [1] * 9 + [-1] * 4])
+    with torch.no_grad():
+        logits = model(packed, segments=segments)
+        torch.testing.assert_close(logits[:, :7], model(first), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits[:, 7:16], model(second), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(model(packed)[:, 7:16], model(second), atol=1e-3)
+
+
 def test_scaled_init_and_determinism():
     cfg = tiny_config(dim=256, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=688, init_std=0.02)
     model = build(cfg, seed=7)
