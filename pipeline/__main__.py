@@ -98,7 +98,7 @@ def errors_reported(debug: bool):
         sys.exit(130)
     except Preempted as exc:  # a complete checkpoint is written; rerunning resumes: not a failure
         report_preempted(exc)
-        sys.exit(0)
+        _exit(0)
     except RanksFailed as exc:  # the ranks already printed their error, unless they could not
         if exc.message:
             sys.stderr.write(f"error: {exc.message}\n")
@@ -114,7 +114,20 @@ def errors_reported(debug: bool):
         prefix = "error" if peer or rank == 0 or not isinstance(exc, PipelineError) else f"rank {rank}"
         sys.stderr.write(f"{prefix}: {redact_text(peer or _one_line(exc))}\n")  # e.g. a bad value of ${oc.env:X}
         sys.stderr.flush()
-        sys.exit(EXIT_ERROR)
+        _exit(EXIT_ERROR)
+
+
+def _exit(code: int) -> None:
+    """sys.exit, except in a rank whose process group is still up (it stopped early): leave at once. At
+    interpreter teardown a gloo thread may std::terminate while a peer closes its connections, and the
+    rank would then die by SIGABRT after its error line, which the launcher reports as a second error."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
 
 
 def main() -> None:

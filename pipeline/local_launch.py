@@ -82,8 +82,10 @@ def run_local_ranks(cfg: PipelineConfig, overrides: list[str], stages: list[str]
 
 
 def _failure(exc) -> RanksFailed:
-    """The ranks' exit status; the first failed rank is named here when it was killed and so said nothing."""
-    rank, first = exc.get_first_failure()
+    """The ranks' exit status; a rank killed by a signal is named here, as it said nothing itself. It comes
+    first even when a peer exited before it was seen: that peer only reports having lost it."""
+    killed = sorted((failure.timestamp, rank) for rank, failure in exc.failures.items() if failure.exitcode < 0)
+    rank, first = (killed[0][1], exc.failures[killed[0][1]]) if killed else exc.get_first_failure()
     codes = [failure.exitcode for failure in exc.failures.values()]
     code = next((c for c in codes if c and c > 0), 1)
     if first.exitcode >= 0:

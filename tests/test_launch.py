@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, SMALL_RUN, error_lines, run_cli, write_jsonl
-from pipeline.local_launch import free_port
+from pipeline.local_launch import _failure, free_port
 from test_pretrain import TINY, fresh_run, kill_tree, records
 from test_shard import split_documents
 
@@ -43,6 +43,19 @@ def run_script(script: str, *args: str, env: dict, timeout: float = 300) -> subp
 
 
 # -- scripts ----------------------------------------------------------------------------------------
+
+def test_a_killed_rank_is_named_even_when_a_peer_exited_first(tmp_path):
+    """The survivor exits (status 2, its own error line) as soon as its peer dies; the agent may see that
+    first. The report names the killed rank, the cause; a plain error exit is left to the ranks' own lines."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    missing = str(tmp_path / "no-error-file")
+    survivor, killed = ProcessFailure(0, 101, 2, missing), ProcessFailure(1, 102, -signal.SIGKILL, missing)
+    survivor.timestamp, killed.timestamp = 100, 101
+    failed = _failure(ChildFailedError("pipeline", {0: survivor, 1: killed}))
+    assert failed.exit_code == 2 and failed.message.startswith("rank 1 (pid 102) was killed by SIGKILL")
+    assert _failure(ChildFailedError("pipeline", {0: survivor})).message is None
+
 
 def test_every_launch_script_parses():
     scripts = sorted(p for p in LAUNCH.iterdir() if p.suffix in (".sh", ".sbatch"))
