@@ -132,6 +132,7 @@ def _commit(writer, folder: Path, step: int, rank: int, world: int, trainer_stat
     atomic_write_json(folder / RECORD, record)
     _kill_point(step, "pointer")
     atomic_write_bytes(folder.parent / POINTER, folder.name.encode())
+    writer.committed_at = time.perf_counter()
     _kill_point(step, "prune")
     prune(folder.parent, keep_last, current=folder)
 

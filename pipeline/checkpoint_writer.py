@@ -37,6 +37,7 @@ class BackgroundWriter(CheckpointEngine):
         self.name = "pipeline.BackgroundWriter"
         self.background, self.digests = background, digests
         self.written: dict[str, tuple[int, str | None]] = {}  # path -> (size, sha256) since the last commit
+        self.committed_at: float | None = None  # rank 0: perf_counter() when it last wrote a complete.json
         self._jobs: queue.Queue = queue.Queue()
         self._failure: str | None = None
         self._buffers: dict[tuple[str, int], torch.Tensor] = {}  # host copies, reused save after save

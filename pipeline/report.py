@@ -148,7 +148,11 @@ def read_metrics(path: Path) -> dict[str, dict[str, dict[int, dict]]]:
         except (ValueError, KeyError, TypeError):
             continue
         kind = "train" if record.get("loss") is not None else "eval" if record.get("val_loss") is not None else "other"
-        stages.setdefault(str(record.get("stage", "?")), {"train": {}, "eval": {}, "other": {}})[kind][step] = record
+        kinds = stages.setdefault(str(record.get("stage", "?")), {"train": {}, "eval": {}, "other": {}})
+        if kind == "other":  # several at one step (a checkpoint, an exact match): one merged record
+            kinds[kind].setdefault(step, {}).update(record)
+        else:
+            kinds[kind][step] = record
     return stages
 
 
@@ -179,6 +183,11 @@ def stage_section(stage: str, kinds: dict, out: Path) -> list[str]:
         _, values = column(train, key)
         if len(values):
             lines.append(f"- {what}: median {np.median(values):.4g}, last {values[-1]:.4g}")
+    _, blocked = column(kinds["other"], "checkpoint_blocked_s")
+    _, complete = column(kinds["other"], "checkpoint_complete_s")
+    if len(blocked):
+        lines.append(f"- checkpoint saves: {len(blocked)}; training blocked median {np.median(blocked):.3g} s (max "
+                     f"{blocked.max():.3g} s); complete after median {np.median(complete):.3g} s")
     matches = sorted((r for r in kinds["other"].values() if r.get("exact_match") is not None), key=lambda r: r["step"])
     for r in matches:
         lines.append(f"- exact match ({r.get('exact_match_when', 'step ' + str(r['step']))}): {r['exact_match']:.3f} "

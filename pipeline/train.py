@@ -231,6 +231,7 @@ class Trainer:
         self.state = TrainerState(model=model_config)
         self.peak = peak_flops(device)
         self._preempt_agreed = False  # set by each step's control all-reduce
+        self._save_in_flight: tuple[int, float, float] | None = None  # (step, start, seconds it blocked)
 
     # -- resume -----------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -323,6 +324,8 @@ class Trainer:
             if step % train.log_interval == 0 or step == train.max_steps:
                 elapsed = time.perf_counter() - window_start
                 self._log_train(loss_sum, steps_in_window, elapsed, lr, loss_steps)
+                if self._save_in_flight is not None and self.engine.checkpoint_engine.idle():
+                    self._wait_for_saves()  # written by now: its record need not wait for the next save
                 loss_sum.zero_()
                 steps_in_window, loss_steps, window_start = 0, 0, time.perf_counter()
             if step % train.eval_interval == 0 or step == train.max_steps:
@@ -344,16 +347,33 @@ class Trainer:
 
     def save(self) -> Path:
         """Start a checkpoint save; training goes on while the writer finishes it (finish_saves)."""
+        self._wait_for_saves()
         self.state.loader = self.loader.state_dict()
+        started = time.perf_counter()
         with control.long_timeout():  # writing to slow storage may outlast launch.step_timeout_s
-            return save_checkpoint(self.engine, self.checkpoint_root, self.state.step, asdict(self.state),
-                                   self.train.keep_last, timeout_s=control.long_timeout_s())
+            folder = save_checkpoint(self.engine, self.checkpoint_root, self.state.step, asdict(self.state),
+                                     self.train.keep_last, timeout_s=control.long_timeout_s())
+        self._save_in_flight = (self.state.step, started, time.perf_counter() - started)
+        return folder
 
     def finish_saves(self) -> None:
         """Collective: returns once the last checkpoint started is complete (its record written)."""
-        self.engine.checkpoint_engine.wait()
+        self._wait_for_saves()
         with control.long_timeout():
             dist.barrier()  # rank 0's writer commits last
+
+    def _wait_for_saves(self) -> None:
+        """Wait for this rank's writer, then record the save it finished (rank 0): how long it held up
+        training and how long until its complete.json was written."""
+        writer = self.engine.checkpoint_engine
+        writer.wait()
+        if self._save_in_flight is None:
+            return
+        step, started, blocked = self._save_in_flight
+        self._save_in_flight = None
+        if writer.committed_at is not None:  # rank 0 commits
+            self.metrics.log({"step": step, "checkpoint_blocked_s": round(blocked, 3),
+                              "checkpoint_complete_s": round(writer.committed_at - started, 3)})
 
     # -- skipped updates ----------------------------------------------------------------------------
     def _skip_reason(self, step_loss: torch.Tensor) -> str | None:

@@ -196,8 +196,11 @@ def test_report_charts_decode_and_report_md_has_the_final_losses(tmp_path):
                "tokens_seen": 25600}]  # a resumed run logs step 50 again: this record counts
     lines += [{"stage": "finetune", "step": s, "loss": 1.0 / s, "lr": 1e-4, "tokens_per_s": 900.0, "mfu": 0.3}
               for s in (1, 2, 3)]
+    lines += [{"stage": "pretrain", "step": s, "checkpoint_blocked_s": b, "checkpoint_complete_s": 3 * b}
+              for s, b in ((20, 0.5), (40, 0.25), (50, 0.75))]
     lines += [{"stage": "finetune", "step": 3, "exact_match": 0.75, "exact_match_correct": 3,
-               "exact_match_total": 4, "exact_match_when": "after"}]
+               "exact_match_total": 4, "exact_match_when": "after"},
+              {"stage": "finetune", "step": 3, "checkpoint_blocked_s": 0.1, "checkpoint_complete_s": 0.2}]
     path = write_jsonl(tmp_path / "metrics.jsonl", lines)
     with open(path, "a") as f:
         f.write('{"stage": "pretrain", "st')  # cut short by a crash
@@ -220,6 +223,7 @@ def test_report_charts_decode_and_report_md_has_the_final_losses(tmp_path):
     report = (out / "report.md").read_text()
     assert "final train loss 1.9000 at step 50" in report and "final val loss 2.1000 at step 50" in report
     assert "tokens seen: 25,600" in report and "exact match (after): 0.750 (3/4)" in report
+    assert "checkpoint saves: 3; training blocked median 0.5 s (max 0.75 s); complete after median 1.5 s" in report
     assert "![pretrain loss](pretrain-loss.png)" in report and f"`{path}`" in report
     proc = subprocess.run([sys.executable, "-m", "pipeline.report", f"run_dir={tmp_path / 'none'}"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)

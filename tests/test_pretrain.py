@@ -60,6 +60,8 @@ def test_zero_stages_train_and_the_loss_falls(tmp_path, data_run, zero, precisio
         assert train_record[key] is not None, key
     assert "mfu" in train_record  # null on CPU: there is no peak to compare against
     assert records(run_dir, "val_loss")[30] < losses[1]
+    saves = [r for r in last if "checkpoint_blocked_s" in r]  # one per save (save_interval 100: the last)
+    assert [r["step"] for r in saves] == [30] and 0 < saves[0]["checkpoint_blocked_s"] <= saves[0]["checkpoint_complete_s"]
     record = json.loads((run_dir / "stages" / "pretrain.json").read_text())
     assert any(name.endswith("complete.json") for name in record["outputs"])
 
