@@ -81,6 +81,7 @@ class BackgroundWriter(CheckpointEngine):
             self._jobs.join()
         if self._failure:
             failure, self._failure = self._failure, None
+            self.written.clear()  # the lost save's files must not reach the next one's marker
             raise PipelineError(f"writing a checkpoint failed: {failure}")
 
     def _work(self) -> None:
