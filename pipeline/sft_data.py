@@ -261,10 +261,9 @@ class SFTSequences:
         label_of = [np.where(examples[i][1], examples[i][0], IGNORE_INDEX).astype(np.int32) for i in order]
         self.ids = np.concatenate(ids) if ids else np.zeros(0, np.int32)
         self.label_of = np.concatenate(label_of) if label_of else np.zeros(0, np.int32)
-        # segment_of[k]: which example of its sequence token k belongs to (0, 1, ...)
-        members = bins if pack else [[i] for i in order]
-        self.segment_of = np.concatenate([np.full(lengths[i], j, np.int32) for bin_ in members
-                                          for j, i in enumerate(bin_)]) if order else np.zeros(0, np.int32)
+        # isolate: segment_of[k] is which example of its packed sequence token k belongs to (0, 1, ...)
+        self.segment_of = np.concatenate([np.full(lengths[i], j, np.int32) for members in bins
+                                          for j, i in enumerate(members)]) if self.isolate and order else None
         self.lengths = seq_lengths
         self.starts = np.concatenate([[0], np.cumsum(seq_lengths)[:-1]]).astype(np.int64)
         self.stats.sequences = len(seq_lengths)
