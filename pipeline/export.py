@@ -31,6 +31,7 @@ from .checkpoint import find_resumable
 from .config import ModelConfig, PipelineConfig
 from .errors import PipelineError
 from .fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, replace_dir, sha256_file
+from .metrics import read_records
 from .hf_llama import EMBEDDING_KEY, OUTPUT_KEY, hf_name, to_hf_config
 from .redaction import redact, redact_text
 from .tokenizer import BOS, CHAT_TOKENS, EOS, PAD, UNK, load_tokenizer
@@ -295,18 +296,11 @@ def write_configs(model_cfg: ModelConfig, dtype_name: str, im_end_id: int, out: 
 def last_losses(run_dir: Path, stage: str, step: int) -> dict[str, tuple[int, float] | None]:
     """The last train loss and val loss of `stage` logged at or before `step`."""
     found = {"loss": None, "val_loss": None}
-    path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        with open(path) as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if record.get("stage") == stage and record.get("step", step + 1) <= step:
-                    for key in found:
-                        if record.get(key) is not None:
-                            found[key] = (record["step"], record[key])
+    for record in read_records(run_dir / "metrics.jsonl"):
+        if record.get("stage") == stage and record.get("step", step + 1) <= step:
+            for key in found:
+                if record.get(key) is not None:
+                    found[key] = (record["step"], record[key])
     return found
 
 

@@ -79,23 +79,39 @@ class MetricsLogger:
         them; they are about to be logged again), so metrics.jsonl reads as one uninterrupted run."""
         if not self.enabled or not self.path.is_file():
             return
-        kept, dropped = [], 0
-        for line in self.path.read_text(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-                stale = record.get("stage") == self.stage and int(record.get("step", 0)) > step
-            except (ValueError, TypeError, AttributeError):
-                stale = True  # a line cut short by a crash
-            dropped += stale
-            if not stale:
-                kept.append(line + "\n")
+        records = read_records(self.path)
+        kept = [r for r in records if not (r.get("stage") == self.stage and _step(r) > step)]
+        dropped = len(self.path.read_text(errors="replace").splitlines()) - len(kept)  # cut-short lines too
         if dropped:
-            atomic_write_bytes(self.path, "".join(kept).encode())
+            atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
             log.info("%s: dropped %d records past step %d from %s", self.stage, dropped, step, self.path)
 
     def finish(self) -> None:
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def read_records(path: Path) -> list[dict]:
+    """Every record of a metrics.jsonl, in file order; a line cut short by a crash (or not a JSON
+    object) is skipped. The one reader of the file: the report, model cards and rewind use it."""
+    if not Path(path).is_file():
+        return []
+    records = []
+    for line in Path(path).read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _step(record: dict) -> int:
+    try:
+        return int(record.get("step", 0))
+    except (TypeError, ValueError):
+        return 0
 
 
 def _plain(value):

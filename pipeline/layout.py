@@ -1,0 +1,80 @@
+"""The run folder: where every artifact of a run lives, named in one place.
+
+Every rank and node resolves the same `run_dir`; stages, the runner, the report and the tests ask a
+`RunLayout` for paths instead of spelling them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+TRAINING_STAGES = ("pretrain", "finetune")  # the stages that write checkpoints (and the export sources)
+MANIFEST = "manifest.json"  # the shards' manifest, in shards/
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    run_dir: Path
+
+    @classmethod
+    def of(cls, run_dir: str | Path) -> "RunLayout":
+        return cls(Path(run_dir).expanduser().resolve())
+
+    # -- data ------------------------------------------------------------------------------------
+    @property
+    def default_data(self) -> Path:
+        """The built-in corpus and instruction set (data=default), generated here."""
+        return self.run_dir / "data" / "default"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.run_dir / "tokenizer" / "tokenizer.model"
+
+    @property
+    def shards(self) -> Path:
+        return self.run_dir / "shards"
+
+    @property
+    def manifest(self) -> Path:
+        return self.shards / MANIFEST
+
+    @property
+    def shard_parts(self) -> Path:
+        """Parts written by separate shard jobs (shard.worker_index), before the merge."""
+        return self.run_dir / "shards.parts"
+
+    # -- training ----------------------------------------------------------------------------------
+    def stage_dir(self, stage: str) -> Path:
+        return self.run_dir / stage
+
+    def checkpoints(self, stage: str) -> Path:
+        return self.run_dir / stage / "checkpoints"
+
+    def exact_match_answers(self, when: str) -> Path:
+        """Every answer of the fine-tuned model's exact-match evaluation (`before` or `after`)."""
+        return self.run_dir / "finetune" / f"exact_match_{when}.jsonl"
+
+    # -- outputs and records ---------------------------------------------------------------------
+    def export(self, source: str) -> Path:
+        return self.run_dir / "export" / source
+
+    @property
+    def metrics(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    @property
+    def config(self) -> Path:
+        """The resolved config of the last run (secrets redacted)."""
+        return self.run_dir / "config.yaml"
+
+    @property
+    def records(self) -> Path:
+        """One completion record per stage: `<stage>.json`."""
+        return self.run_dir / "stages"
+
+    def stage_record(self, name: str) -> Path:
+        return self.records / f"{name}.json"
+
+    @property
+    def report(self) -> Path:
+        return self.run_dir / "report"
