@@ -2,7 +2,7 @@
 how long a resume takes.
 
 For each --model preset one DeepSpeed engine is built as the pretrain stage builds it
-(`pipeline.train.build_engine`, one rank: gloo on CPU, nccl on GPU) and stepped once, so the
+(`pipeline.engine.build_engine`, one rank: gloo on CPU, nccl on GPU) and stepped once, so the
 optimizer state exists. Then, for each mode (sync: `train.async_checkpoint=false`; async: the
 default background writer), --saves saves go through `pipeline.checkpoint.save_checkpoint` into
 --dir, each timed:
@@ -39,7 +39,7 @@ from bench.train import join_world_of_one, load_model_config, sync  # noqa: E402
 from pipeline.checkpoint import find_resumable, load_checkpoint, save_checkpoint  # noqa: E402
 from pipeline.checkpoint_writer import BackgroundWriter  # noqa: E402
 from pipeline.config import DeepSpeedConfig, PrecisionConfig, TrainConfig  # noqa: E402
-from pipeline.train import build_engine  # noqa: E402
+from pipeline.engine import build_engine  # noqa: E402
 
 
 def train_step(engine, batch, device) -> float:

@@ -51,7 +51,7 @@ def build(run_dir: Path, model_name: str, vocab: int, zero: int) -> None:
     from pipeline.checkpoint_writer import BackgroundWriter
     from pipeline.config import DeepSpeedConfig, LaunchConfig, ModelConfig, PrecisionConfig, TrainConfig
     from pipeline.model import Transformer
-    from pipeline.train import build_optimizer, deepspeed_config, init_distributed
+    from pipeline.engine import build_optimizer, deepspeed_config, init_distributed
 
     proc = subprocess.run([sys.executable, "-m", "pipeline", f"run_dir={run_dir}", "stages=[tokenize]",
                            "tokenizer.vocab_size=1024", "data.default_num_documents=2000"],
@@ -89,11 +89,12 @@ def run_export(run_dir: Path, dtype: str, out: Path) -> dict:
     import deepspeed  # noqa: F401  imported before the clock starts, as in the baseline
     import tokenizers  # noqa: F401
 
-    from pipeline.config import ExportConfig, PipelineConfig
+    from pipeline.config import ExportConfig, ModelConfig
     from pipeline.export import export_model
+    from pipeline.layout import RunLayout
 
     start = time.perf_counter()
-    folder = export_model(PipelineConfig(export=ExportConfig(dtype=dtype)), run_dir, "pretrain")
+    folder = export_model(ExportConfig(dtype=dtype), ModelConfig(), RunLayout.of(run_dir), "pretrain")
     seconds = time.perf_counter() - start
     shutil.move(str(folder), out)
     return {"seconds": seconds, "save_seconds": None}

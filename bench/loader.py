@@ -81,7 +81,7 @@ def measure(folder: Path, args) -> dict:
     tokens_per_step = args.global_batch_size * args.seq_len
     return {"tokens": f"{stream.num_tokens:,}", "seq_len": str(args.seq_len),
             "global batch": str(args.global_batch_size), "micro batch": str(args.micro_batch_size),
-            "steps": str(args.steps), "epochs": f"{loader.samples_consumed / loader.num_samples:.2f}",
+            "steps": str(args.steps), "epochs": f"{loader.order.samples_consumed / loader.num_samples:.2f}",
             "step ms (median)": f"{np.median(times) * 1e3:.2f}",
             "loader M tok/s": f"{tokens_per_step * len(times) / sum(times) / 1e6:.1f}",
             "open verify=full s": f"{verify_s:.2f}",

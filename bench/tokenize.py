@@ -153,7 +153,7 @@ def child(kind: str, corpus: Path, vocab: int, threads: int, text_field: str) ->
     from pipeline.corpus import Corpus
     from pipeline.distributed import LaunchInfo
     from pipeline.runner import PIPELINE, Context, prepare_run_dir, run_stage
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.vocab import load_tokenizer
     import_s = time.perf_counter() - started
     cfg = pipeline_config(corpus, vocab, threads, text_field)
     ctx = Context(cfg=cfg, run_dir=prepare_run_dir(cfg), launch=LaunchInfo.from_env())

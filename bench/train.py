@@ -1,4 +1,4 @@
-"""Training step throughput: the DeepSpeed engine (`pipeline.train`) against a plain PyTorch loop.
+"""Training step throughput: the DeepSpeed engine (`pipeline.engine`) against a plain PyTorch loop.
 
 For every --model preset, --precision and --zero stage, a fresh plain-PyTorch trainer and a fresh
 DeepSpeed engine are built from the same initial weights (same seed) and stepped on the same random
@@ -16,7 +16,7 @@ trained the same model the same way.
 What each side does, so the comparison is like for like:
   DeepSpeed  deepspeed.initialize(model, build_optimizer(...), deepspeed_config(...)) on a world of one
              (gloo on CPU, nccl on GPU), engine(x, y) / engine.backward(loss) / engine.step().
-  plain      the same Transformer, torch AdamW over `pipeline.train.param_groups` (fused=True on CUDA;
+  plain      the same Transformer, torch AdamW over `pipeline.engine.param_groups` (fused=True on CUDA;
              DeepSpeed gets FusedAdam there from build_optimizer), clip_grad_norm_ to train.grad_clip,
              torch's own F.linear (a ZeRO 3 engine swaps in its zero3_linear_wrap process-wide; here
              only the ZeRO 3 engine steps with it).
@@ -63,8 +63,8 @@ from bench.common import hardware, print_table, quiet_logs, record  # noqa: E402
 from pipeline.config import DeepSpeedConfig, LaunchConfig, ModelConfig, PrecisionConfig, TrainConfig  # noqa: E402
 from pipeline.metrics import peak_flops  # noqa: E402
 from pipeline.model import Transformer, flops_per_token, num_params  # noqa: E402
-from pipeline.train import (build_optimizer, deepspeed_config, grad_accumulation, init_distributed,  # noqa: E402
-                            param_groups)
+from pipeline.batching import BatchLayout  # noqa: E402
+from pipeline.engine import build_optimizer, deepspeed_config, init_distributed, param_groups  # noqa: E402
 
 # Building a ZeRO 3 engine replaces torch.nn.functional.linear process-wide with DeepSpeed's
 # zero3_linear_wrap (zero_optimization.memory_efficient_linear, on by default) and leaves it so.
@@ -237,7 +237,7 @@ def profile_runner(runner, steps: list, device, top: int) -> str:
 def measure_pair(model_cfg: ModelConfig, stage: int, precision: str, args, device) -> dict:
     train = TrainConfig(seq_len=args.seq_len, micro_batch_size=args.micro_batch,
                         global_batch_size=args.micro_batch * args.grad_accum, lr=3e-4)
-    grad_accum = grad_accumulation(train, 1)
+    grad_accum = BatchLayout.of(train, "train", 1).accumulation
     ds = DeepSpeedConfig(name=f"zero{stage}", stage=stage, extra=args.ds_extra)
     prec = PrecisionConfig(name=precision)
     torch.manual_seed(args.seed)

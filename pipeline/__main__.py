@@ -16,7 +16,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .config import PipelineConfig, register_configs
+from .config import DataConfig, DeepSpeedConfig, ModelConfig, PipelineConfig, PrecisionConfig
 from .control import Preempted, install_preemption_handlers, peer_failure, report_preempted
 from .errors import PipelineError
 from .redaction import redact_text
@@ -31,6 +31,20 @@ def config_dir() -> str:
     if (source_tree / "config.yaml").is_file():
         return str(source_tree)
     return str(Path(__file__).resolve().parent / "conf")
+
+
+def register_configs() -> None:
+    """The dataclasses of pipeline/config.py as Hydra's schema: the structured base of conf/config.yaml
+    and the type of every file of the model, deepspeed and precision groups."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="pipeline_schema", node=PipelineConfig)
+    cs.store(group="data", name="default", node=DataConfig(source="default"))
+    cs.store(group="data", name="files", node=DataConfig(source="files"))
+    cs.store(group="schema", name="model", node=ModelConfig)
+    cs.store(group="schema", name="deepspeed", node=DeepSpeedConfig)
+    cs.store(group="schema", name="precision", node=PrecisionConfig)
 
 
 register_configs()

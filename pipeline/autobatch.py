@@ -37,20 +37,14 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from .config import AUTO, DeepSpeedConfig, ModelConfig, PrecisionConfig, TrainConfig, check_batch_layout
+from .batching import AUTO, BatchLayout
+from .config import DeepSpeedConfig, ModelConfig, PrecisionConfig, TrainConfig, stage_of
 from .errors import PipelineError
 
 log = logging.getLogger(__name__)
 
 MAX_PROBES = 8  # each is one forward and backward; the line converges in two or three
 GIB = 2**30
-
-
-def candidates(train: TrainConfig, key: str, world_size: int) -> list[int]:
-    """Micro batches that keep gradient accumulation whole: the divisors of global / ranks, ascending."""
-    check_batch_layout(train, key, world_size)
-    per_rank = train.global_batch_size // world_size
-    return [d for d in range(1, per_rank + 1) if per_rank % d == 0]
 
 
 def unprobed_bytes(n_params: int, precision: str, ds: DeepSpeedConfig, world_size: int, device_type: str) -> int:
@@ -272,7 +266,7 @@ def choose_micro_batch(train: TrainConfig, key: str, model_cfg: ModelConfig, ds:
 
     started = time.perf_counter()
     world = dist.get_world_size() if dist.is_initialized() else 1
-    cands = candidates(train, key, world)
+    cands = BatchLayout.micro_batch_choices(train, key, world)
     note = "given"
     if budget is None:
         budget, note = memory_budget(device, train.auto_memory_fraction, LaunchInfo.from_env().local_world_size)
@@ -332,8 +326,8 @@ def resolve(train: TrainConfig, key: str, model_cfg: ModelConfig, ds: DeepSpeedC
     if not dist.is_initialized() or dist.get_rank() == 0:
         log.info("%s: %s.micro_batch_size=auto: %d of %s (gradient accumulation %d), %.1f s of probes; budget %s "
                  "per rank (%s); rank 0 needs by micro batch %s, of which %s optimizer state (estimated, not "
-                 "probed)", "pretrain" if key == "train" else key, key, choice.micro_batch,
-                 ",".join(map(str, choice.candidates)), train.global_batch_size // (choice.micro_batch *
-                                                                                   choice.world_size),
+                 "probed)", stage_of(key), key, choice.micro_batch,
+                 ",".join(map(str, choice.candidates)),
+                 BatchLayout(train.global_batch_size, choice.micro_batch, choice.world_size).accumulation,
                  choice.seconds, _size(choice.budget), choice.budget_note, probes, _size(choice.extra))
     return replace(train, micro_batch_size=choice.micro_batch)

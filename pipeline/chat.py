@@ -12,9 +12,8 @@ generation prompt still ends with the newline.
 """
 from __future__ import annotations
 
-from .tokenizer import CHAT_TOKENS
+from .vocab import IM_END, IM_START
 
-IM_START, IM_END = CHAT_TOKENS
 ROLES = ("system", "user", "assistant")
 
 JINJA_TEMPLATE = (

@@ -18,18 +18,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
-import signal
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.distributed as dist
-
 from .errors import PipelineError
+from .faults import kill_point
 from .fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, sha256_file
 from .redaction import redact_values
 
@@ -45,6 +40,9 @@ def tag_for(step: int) -> str:
 
 
 def rng_state() -> dict:
+    import numpy as np
+    import torch
+
     numpy_state = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": (numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:])}
@@ -54,6 +52,9 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     name, keys, *rest = state["numpy"]
@@ -62,25 +63,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _kill_point(step: int, point: str) -> None:
-    """Test hook, PIPELINE_TEST_KILL_IN_SAVE=STEP:POINT[:RANK] (rank 0 by default): this rank SIGKILLs
-    itself at that point of the save of STEP, as a node failure would. Points, in order, all on the
-    rank's writer: `shards` (its files durable, before its marker), `record` (rank 0: every rank's
-    marker there, before complete.json), `pointer` (after complete.json, before `latest`), `prune`."""
-    spec = os.environ.get("PIPELINE_TEST_KILL_IN_SAVE")
-    if not spec:
-        return
-    at_step, at_point, *at_rank = spec.split(":")
-    if int(at_step) == step and at_point == point and dist.get_rank() == int(at_rank[0] if at_rank else 0):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, keep_last: int,
                     timeout_s: float = 600) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder, complete once the engine's
     writer (checkpoint_writer.BackgroundWriter) has run the commit queued here: at once without a
     background writer, else by the next `wait()`. `timeout_s`: how long rank 0's commit waits for the
     other ranks' files."""
+    import torch.distributed as dist
+
     writer = engine.checkpoint_engine
     writer.wait()  # the previous save is committed on this rank (one save in flight at a time)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -109,7 +99,7 @@ def _commit(writer, folder: Path, step: int, rank: int, world: int, trainer_stat
     written = {str(Path(path).relative_to(folder)): entry for path, entry in writer.written.items()}
     writer.written.clear()
     fsync_dir(folder)
-    _kill_point(step, "shards")
+    kill_point(step, "shards", rank)
     atomic_write_json(folder / _marker(rank), written)
     if rank != 0:
         return
@@ -128,19 +118,28 @@ def _commit(writer, folder: Path, step: int, rank: int, world: int, trainer_stat
               "files": {name: (folder / name).stat().st_size for name in names}}
     if writer.digests:  # files no marker lists (DeepSpeed's recovery scripts, the markers) are hashed here
         record["sha256"] = {name: digests.get(name) or sha256_file(folder / name) for name in names}
-    _kill_point(step, "record")
+    kill_point(step, "record", rank)
     atomic_write_json(folder / RECORD, record)
-    _kill_point(step, "pointer")
+    kill_point(step, "pointer", rank)
     atomic_write_bytes(folder.parent / POINTER, folder.name.encode())
     writer.committed_at = time.perf_counter()
-    _kill_point(step, "prune")
+    kill_point(step, "prune", rank)
     prune(folder.parent, keep_last, current=folder)
+
+
+def _process_group():
+    """torch.distributed while a process group of more than one rank is up, else None. Imported here, not
+    at the top: the runner checks checkpoints without torch."""
+    import torch.distributed as dist
+
+    return dist if dist.is_initialized() and dist.get_world_size() > 1 else None
 
 
 def _hash_share(folder: Path, names: list[str], collective: bool = True) -> dict[str, str]:
     """sha256 of this rank's share of `names` (every world_size-th, so the ranks split the reading),
     or of all of them outside a collective."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if collective and dist.is_initialized() else (0, 1)
+    dist = _process_group() if collective else None
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
     return {name: sha256_file(folder / name) for name in names[rank::world]}
 
 
@@ -148,7 +147,8 @@ def verify(folder: Path, digests: bool = False, collective: bool = False) -> tup
     """The completion record if every file it lists is present with its size (and, with `digests`,
     its sha256 where the record has one), else None and why not. `collective` (every rank of the
     process group calls it): the ranks split the hashing and all return the same verdict."""
-    collective = collective and dist.is_initialized() and dist.get_world_size() > 1
+    dist = _process_group() if collective else None
+    collective = dist is not None
     record, problem = _read_record(folder)
     if record is not None:
         problem = _check_files(folder, record, digests, collective)
@@ -189,7 +189,8 @@ def _check_files(folder: Path, record: dict, digests: bool, collective: bool) ->
 def find_resumable(root: Path, digests: bool = False, collective: bool = False) -> tuple[Path, dict] | None:
     """The newest checkpoint under `root` whose completion record verifies; with `digests` the files'
     contents too. `collective`: every rank calls it, shares the hashing and gets the same answer."""
-    collective = collective and dist.is_initialized() and dist.get_world_size() > 1
+    dist = _process_group() if collective else None
+    collective = dist is not None
     folders = [sorted(root.glob(f"{PREFIX}*"), reverse=True) if root.is_dir() else []]
     if collective:  # rank 0's view decides which folders are tried, in which order
         dist.broadcast_object_list(folders, src=0)
@@ -205,6 +206,9 @@ def find_resumable(root: Path, digests: bool = False, collective: bool = False) 
 def load_checkpoint(engine, folder: Path, restore_rng: bool = True) -> dict:
     """Collective. Restores model, optimizer and this rank's RNG state; returns the trainer state.
     The caller has verified the folder's contents (verify with digests); sizes are checked again here."""
+    import torch
+    import torch.distributed as dist
+
     record, problem = verify(folder)
     if record is None:
         raise PipelineError(f"refusing to resume from {folder}: {problem}")

@@ -1,19 +1,19 @@
-"""Typed configuration: one dataclass per Hydra group, registered in a ConfigStore.
+"""Typed configuration: one plain dataclass per config section (and Hydra group).
 
-Only the entry point (`pipeline.__main__`) sees a DictConfig; it converts it with
-`OmegaConf.to_object` and passes these dataclasses down.
+Only the entry point (`pipeline.__main__`) knows Hydra: it registers these classes as the schema,
+converts the composed DictConfig with `OmegaConf.to_object` and hands the dataclasses down; each
+function takes the section it needs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
-
+from .batching import AUTO, BatchLayout
 from .errors import PipelineError
+from .vocab import MIN_VOCAB
 
 STAGES = ("tokenize", "shard", "pretrain", "finetune", "export")
-AUTO = "auto"  # micro_batch_size=auto: probed before training (pipeline/autobatch.py)
 
 
 @dataclass
@@ -201,7 +201,6 @@ class PipelineConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-MIN_VOCAB = 256 + 4 + 2  # byte-fallback pieces, unk/bos/eos/pad, the two chat tokens
 
 
 def validate(cfg: PipelineConfig) -> None:
@@ -236,7 +235,14 @@ def validate(cfg: PipelineConfig) -> None:
             validate_training(cfg, key)
 
 
-TRAINING_KEYS = (("train", "pretrain"), ("finetune", "finetune"))  # config key, stage
+# The training stages and their config sections: `pretrain` is configured under `train.*`.
+SECTION_OF_STAGE = {"pretrain": "train", "finetune": "finetune"}
+TRAINING_KEYS = tuple((section, stage) for stage, section in SECTION_OF_STAGE.items())  # (section, stage)
+
+
+def stage_of(section: str) -> str:
+    """The training stage a config section configures: train -> pretrain, finetune -> finetune."""
+    return next(stage for stage, key in SECTION_OF_STAGE.items() if key == section)
 SCHEDULES = ("cosine", "constant", "wsd")
 VERIFY_MODES = ("full", "size", "off")
 
@@ -255,7 +261,7 @@ def validate_training(cfg: PipelineConfig, key: str) -> None:
              and getattr(t, name) < 1]
     if small:
         raise PipelineError(f"{', '.join(small)}: must be at least 1")
-    check_batch_layout(t, key, world_size=1)  # the rank count is checked once it is known
+    BatchLayout.check(t, key, world=1)  # the rank count is checked once it is known
     if t.schedule not in SCHEDULES:
         raise PipelineError(f"{key}.schedule={t.schedule!r}: choose {', '.join(SCHEDULES)}")
     if t.verify_shards not in VERIFY_MODES:
@@ -275,29 +281,3 @@ def validate_training(cfg: PipelineConfig, key: str) -> None:
             raise PipelineError(f"model.dim={model.dim}, model.n_heads={model.n_heads}, model.n_kv_heads="
                                 f"{model.n_kv_heads}: dim must split into n_heads heads of even size, and n_heads "
                                 f"into n_kv_heads groups")
-
-
-def check_batch_layout(t: TrainConfig, key: str, world_size: int) -> None:
-    if t.micro_batch_size == AUTO:  # it picks a divisor of global / ranks: the ranks must divide it
-        if t.global_batch_size % world_size:
-            raise PipelineError(f"{key}.global_batch_size={t.global_batch_size} is not a multiple of the "
-                                f"{world_size} data-parallel ranks, so no {key}.micro_batch_size=auto can divide "
-                                f"it: make it a multiple of {world_size} or change the number of ranks "
-                                f"(launch.nproc_per_node)")
-        return
-    per_step = t.micro_batch_size * world_size
-    if t.global_batch_size % per_step:
-        raise PipelineError(f"{key}.global_batch_size={t.global_batch_size} is not a multiple of "
-                            f"{key}.micro_batch_size × data-parallel ranks = {t.micro_batch_size} × {world_size} = "
-                            f"{per_step}: make it a multiple of {per_step}, or change {key}.micro_batch_size or "
-                            f"the number of ranks (launch.nproc_per_node)")
-
-
-def register_configs() -> None:
-    cs = ConfigStore.instance()
-    cs.store(name="pipeline_schema", node=PipelineConfig)
-    cs.store(group="data", name="default", node=DataConfig(source="default"))
-    cs.store(group="data", name="files", node=DataConfig(source="files"))
-    cs.store(group="schema", name="model", node=ModelConfig)  # the type of every conf/model/*.yaml
-    cs.store(group="schema", name="deepspeed", node=DeepSpeedConfig)
-    cs.store(group="schema", name="precision", node=PrecisionConfig)

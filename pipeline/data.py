@@ -4,11 +4,9 @@ Stream: a split's documents (each already ends with EOS) concatenated in manifes
 from the memory-mapped shards; a window may span two shard files. Sample i is the `seq_len + 1`
 tokens starting at i * seq_len (inputs = the first seq_len, labels = the last seq_len).
 
-Order: epoch e visits the samples in `default_rng([seed, e]).permutation(num_samples)`; the epochs are
-chained into one endless sequence of positions, and optimizer step k consumes positions
-[k*G, (k+1)*G) (G = global batch). Data-parallel rank r takes the contiguous slice [r*G/W, (r+1)*G/W)
-of it. Every rank computes the same order, so the global batch depends only on (data, seq_len, seed, G):
-not on the number of ranks or the micro batch size. Resuming needs one number, `samples_consumed`.
+Order: `batching.GlobalOrder` (a seeded permutation per epoch, chained; step k consumes positions
+[k*G, (k+1)*G)); data-parallel rank r takes the contiguous slice [r*G/W, (r+1)*G/W) of each step, so the
+global batch depends only on (data, seq_len, seed, G), not on the number of ranks or the micro batch.
 """
 from __future__ import annotations
 
@@ -16,19 +14,19 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
+from .batching import BatchLayout, FixedBatches, GlobalOrder
+from .config import VERIFY_MODES
 from .errors import PipelineError
 from .fsutil import sha256_file
 from .indexed import IndexedDataset
+from .layout import MANIFEST
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-VERIFY_MODES = ("full", "size", "off")
 Batch = tuple[torch.Tensor, ...]  # (inputs, labels[, segments]), int64 [batch, seq_len]
 
 
@@ -181,74 +179,38 @@ def _check_pin(pin_memory: bool) -> None:
         raise PipelineError("pin_memory=True needs a CUDA device; none is available (set it only for GPU training)")
 
 
+def check_rank(rank: int, world: int) -> None:
+    if world < 1 or not 0 <= rank < world:
+        raise PipelineError(f"bad data-parallel layout: dp_rank={rank}, dp_world={world}")
+
+
 class PretrainLoader:
     """Train batches: each `next_global_batch()` is one optimizer step's data for this rank."""
 
     def __init__(self, stream: TokenStream, seq_len: int, micro_batch_size: int, global_batch_size: int,
                  dp_rank: int = 0, dp_world: int = 1, seed: int = 0, pin_memory: bool = False):
         self.num_samples = num_windows(stream, seq_len)
-        if micro_batch_size < 1 or dp_world < 1 or not 0 <= dp_rank < dp_world:
-            raise PipelineError(f"bad data-parallel layout: micro_batch_size={micro_batch_size}, "
-                                f"dp_rank={dp_rank}, dp_world={dp_world}")
-        per_step = micro_batch_size * dp_world
-        if global_batch_size < 1 or global_batch_size % per_step:
-            raise PipelineError(f"train.global_batch_size={global_batch_size} is not a multiple of micro_batch_size "
-                                f"× data-parallel size = {micro_batch_size} × {dp_world} = {per_step}: change one")
+        check_rank(dp_rank, dp_world)
+        self.layout = BatchLayout(global_batch_size, micro_batch_size, dp_world, "train")
         _check_pin(pin_memory)
-        self.stream, self.seq_len, self.seed = stream, seq_len, seed
-        self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
-        self.dp_rank, self.dp_world, self.pin_memory = dp_rank, dp_world, pin_memory
-        self.grad_accum = global_batch_size // per_step
-        self.samples_consumed = 0  # global: positions of the epoch-chained order used by all ranks so far
-        self._perms: dict[int, np.ndarray] = {}
+        self.stream, self.seq_len, self.dp_rank, self.pin_memory = stream, seq_len, dp_rank, pin_memory
+        self.order = GlobalOrder(self.num_samples, self.layout, seed)
         self._windows = np.empty((micro_batch_size, seq_len + 1), stream.dtype)
 
-    @property
-    def epoch(self) -> int:
-        """The epoch the next sample comes from."""
-        return self.samples_consumed // self.num_samples
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        """The sample order of `epoch` (the same on every rank); the last two are cached."""
-        if epoch not in self._perms:
-            if len(self._perms) >= 2:
-                del self._perms[min(self._perms)]
-            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
-        return self._perms[epoch]
-
-    def sample_ids(self, start: int, stop: int) -> np.ndarray:
-        """Sample indices at global positions [start, stop) of the epoch-chained order."""
-        positions = np.arange(start, stop, dtype=np.int64)
-        epochs, offsets = np.divmod(positions, self.num_samples)
-        out = np.empty(positions.size, np.int64)
-        for epoch in np.unique(epochs).tolist():  # one or two epochs per batch, unless the split is tiny
-            mask = epochs == epoch
-            out[mask] = self.permutation(epoch)[offsets[mask]]
-        return out
-
     def next_global_batch(self) -> list[Batch]:
-        """This rank's grad_accum micro batches (inputs, labels) of the next optimizer step."""
-        per_rank = self.global_batch_size // self.dp_world
-        first = self.samples_consumed + self.dp_rank * per_rank
-        ids = self.sample_ids(first, first + per_rank)
+        """This rank's micro batches (inputs, labels) of the next optimizer step."""
         batches = []
-        for micro in ids.reshape(self.grad_accum, self.micro_batch_size):
+        for micro in self.order.rank_ids(self.order.samples_consumed, self.dp_rank):
             self.stream.gather_windows(micro * self.seq_len, self._windows)
             batches.append(_to_batch(self._windows, self.pin_memory))
-        self.samples_consumed += self.global_batch_size  # only once the whole step's data exists
+        self.order.advance()  # only once the whole step's data exists
         return batches
 
-    def __iter__(self) -> Iterator[list[Batch]]:
-        while True:
-            yield self.next_global_batch()
-
     def state_dict(self) -> dict:
-        return {"samples_consumed": self.samples_consumed, "epoch": self.epoch, "seed": self.seed,
-                "seq_len": self.seq_len, "global_batch_size": self.global_batch_size,
-                "fingerprint": dict(self.stream.fingerprint)}
+        return {**self.order.state_dict(), "seq_len": self.seq_len, "fingerprint": dict(self.stream.fingerprint)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where `state` left off. dp_world and micro_batch_size may differ from the
+        """Continue exactly where `state` left off. The rank count and micro batch may differ from the
         checkpoint's (the global batches do not depend on them); data, seq_len, seed and global batch may not."""
         mine = self.state_dict()
         if state.get("fingerprint") != mine["fingerprint"]:
@@ -259,44 +221,29 @@ class PretrainLoader:
             if state.get(key) != mine[key]:
                 raise PipelineError(f"refusing to resume: {key} is {mine[key]} but the checkpoint was written with "
                                     f"{state.get(key)}: set it back or start a new run")
-        consumed = state.get("samples_consumed")
-        if not isinstance(consumed, int) or consumed < 0 or consumed % self.global_batch_size:
-            raise PipelineError(f"refusing to resume: samples_consumed={consumed!r} in the checkpoint is not a "
-                                f"multiple of global_batch_size={self.global_batch_size}")
-        self.samples_consumed = consumed
+        self.order.load_samples_consumed(state.get("samples_consumed"))
 
 
-class EvalBatches:
-    """Validation batches: the first num_batches × batch_size × dp_world windows, in order. batch_size is per
-    rank (the micro batch): batch b is windows [b*B*W, (b+1)*B*W) and rank r takes [b*B*W + r*B, +B) of it.
-    Iterating again gives the same batches."""
+def eval_batches(stream: TokenStream, seq_len: int, batch_size: int, num_batches: int | None = None,
+                 dp_rank: int = 0, dp_world: int = 1, pin_memory: bool = False) -> FixedBatches:
+    """Validation batches: the first num_batches × batch_size × dp_world windows of the split, in order
+    (batch_size is per rank: the micro batch); None: every whole batch the split holds."""
+    available = num_windows(stream, seq_len)
+    split = stream.fingerprint["split"]
+    if available < batch_size * dp_world:
+        raise PipelineError(f"the {split} split has {available} windows of {seq_len + 1} tokens, fewer than one eval "
+                            f"batch of {batch_size} × {dp_world} ranks: lower train.micro_batch_size or "
+                            f"train.seq_len, or raise data.val_fraction")
+    _check_pin(pin_memory)
+    windows = np.empty((batch_size, seq_len + 1), stream.dtype)
 
-    def __init__(self, stream: TokenStream, seq_len: int, batch_size: int, num_batches: int | None = None,
-                 dp_rank: int = 0, dp_world: int = 1, pin_memory: bool = False):
-        available = num_windows(stream, seq_len)
-        if batch_size < 1 or dp_world < 1 or not 0 <= dp_rank < dp_world:
-            raise PipelineError(f"bad eval layout: batch_size={batch_size}, dp_rank={dp_rank}, dp_world={dp_world}")
-        per_batch = batch_size * dp_world
-        if available < per_batch:
-            raise PipelineError(f"the {stream.fingerprint['split']} split has {available} windows of "
-                                f"{seq_len + 1} tokens, fewer than one eval batch of {batch_size} × {dp_world} ranks: "
-                                f"lower train.micro_batch_size or train.seq_len, or raise data.val_fraction")
-        full = available // per_batch
-        if num_batches is not None and num_batches > full:
-            log.warning("eval: the %s split holds only %d batches of %d × %d windows (asked for %d)",
-                        stream.fingerprint["split"], full, batch_size, dp_world, num_batches)
-        _check_pin(pin_memory)
-        self.num_batches = full if num_batches is None else max(0, min(num_batches, full))
-        self.stream, self.seq_len, self.batch_size, self.pin_memory = stream, seq_len, batch_size, pin_memory
-        self.dp_rank, self.dp_world = dp_rank, dp_world
+    def make_batch(ids: np.ndarray) -> Batch:
+        stream.gather_windows(ids * seq_len, windows)
+        return _to_batch(windows, pin_memory)
 
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def __iter__(self) -> Iterator[Batch]:
-        windows = np.empty((self.batch_size, self.seq_len + 1), self.stream.dtype)
-        for b in range(self.num_batches):
-            first = (b * self.dp_world + self.dp_rank) * self.batch_size
-            self.stream.gather_windows(np.arange(first, first + self.batch_size, dtype=np.int64) * self.seq_len,
-                                       windows)
-            yield _to_batch(windows, self.pin_memory)
+    batches = FixedBatches(available, batch_size, available if num_batches is None else num_batches, dp_rank,
+                           dp_world, make_batch)
+    if num_batches is not None and num_batches > batches.full:
+        log.warning("eval: the %s split holds only %d batches of %d × %d windows (asked for %d)", split,
+                    batches.full, batch_size, dp_world, num_batches)
+    return batches

@@ -1,15 +1,24 @@
-"""State-dict adapter between `pipeline.model.Transformer` and HF `LlamaForCausalLM` (torchtitan style).
+"""State-dict adapter between `pipeline.model.Transformer` and HF `LlamaForCausalLM` (torchtitan style):
+names, config.json, and the safetensors files an export writes (`hf_tokenizer.py` is the tokenizer's half).
 
 Only names differ: the model rotates q/k in HF's rotate_half convention, so no weight is permuted.
-The name mapping is a pure function of one key, so an exporter can stream tensors one at a time.
+The name mapping is a pure function of one key, so an exporter streams tensors one at a time.
 """
 from __future__ import annotations
 
+import json
+import math
+import os
 import re
+import struct
+from pathlib import Path
 
 import torch
 
+from .checkpoint_reader import LazyTensor
 from .config import ModelConfig
+from .errors import PipelineError
+from .fsutil import atomic_write_json
 
 _TOP_LEVEL = {
     "tok_embeddings.weight": "model.embed_tokens.weight",
@@ -30,6 +39,8 @@ _PER_LAYER = {
 _TOP_LEVEL_FROM_HF = {hf: ours for ours, hf in _TOP_LEVEL.items()}
 _PER_LAYER_FROM_HF = {hf: ours for ours, hf in _PER_LAYER.items()}
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 OUTPUT_KEY = "output.weight"  # absent from HF files when tied: HF reuses the embedding
 EMBEDDING_KEY = "tok_embeddings.weight"
 
@@ -133,3 +144,76 @@ def model_config_from_hf(hf_config: dict) -> ModelConfig:
         tie_embeddings=hf_config.get("tie_word_embeddings", False),
         init_std=hf_config.get("initializer_range", 0.02),
     )
+
+
+def expected_shapes(c: ModelConfig) -> dict[str, torch.Size]:
+    """`Transformer(c).state_dict()`'s names and shapes (building even a meta model costs seconds)."""
+    q, kv = c.dim // c.n_heads * c.n_heads, c.dim // c.n_heads * c.n_kv_heads
+    per_layer = {"attention_norm.weight": (c.dim,), "attention.wq.weight": (q, c.dim),
+                 "attention.wk.weight": (kv, c.dim), "attention.wv.weight": (kv, c.dim),
+                 "attention.wo.weight": (c.dim, q), "ffn_norm.weight": (c.dim,),
+                 "feed_forward.w1.weight": (c.ffn_dim, c.dim), "feed_forward.w3.weight": (c.ffn_dim, c.dim),
+                 "feed_forward.w2.weight": (c.dim, c.ffn_dim)}
+    shapes = {EMBEDDING_KEY: (c.vocab_size, c.dim)}
+    for layer in range(c.n_layers):
+        shapes.update({f"layers.{layer}.{name}": shape for name, shape in per_layer.items()})
+    shapes.update({"norm.weight": (c.dim,), OUTPUT_KEY: (c.vocab_size, c.dim)})
+    return {name: torch.Size(shape) for name, shape in shapes.items()}
+
+
+def write_safetensors(path: Path, entries: list[tuple[str, LazyTensor]], dtype: torch.dtype) -> None:
+    """The safetensors format written by hand: header first (all shapes are known), then each tensor's
+    bytes as it is gathered, so only one tensor is in memory at a time."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, lazy in entries:
+        nbytes = math.prod(lazy.shape) * itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(lazy.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for name, lazy in entries:
+            tensor = lazy.load().to(dtype).contiguous()
+            if tensor.shape != lazy.shape:
+                raise PipelineError(f"{name}: gathered shape {tuple(tensor.shape)}, expected {tuple(lazy.shape)}")
+            if tensor.numel():
+                f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_weights(tensors: dict[str, LazyTensor], model_cfg: ModelConfig, dtype: torch.dtype, out: Path,
+                  max_shard_bytes: int) -> None:
+    """model.safetensors, or numbered shards of at most max_shard_bytes (a larger tensor gets its own)
+    and model.safetensors.index.json, under HF names."""
+    shapes = expected_shapes(model_cfg)
+    missing = sorted(set(shapes) - set(tensors))
+    wrong = sorted(n for n in shapes if n in tensors and tensors[n].shape != shapes[n])
+    if missing or wrong:
+        raise PipelineError(f"the checkpoint does not match the model config ({model_cfg.name}): missing "
+                            f"{missing[:3]}, other shapes {wrong[:3]}; export with the model= it was trained with")
+    entries = [(hf_name(name), tensors[name]) for name in shapes
+               if not (model_cfg.tie_embeddings and name == OUTPUT_KEY)]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards, size = [[]], 0
+    for entry in entries:
+        nbytes = math.prod(entry[1].shape) * itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    if len(shards) == 1:
+        write_safetensors(out / "model.safetensors", entries, dtype)
+        return
+    weight_map = {}
+    for number, shard in enumerate(shards, 1):
+        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(out / name, shard, dtype)
+        weight_map.update({hf: name for hf, _ in shard})
+    total = sum(math.prod(lazy.shape) for _, lazy in entries) * itemsize
+    atomic_write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total},
+                                                               "weight_map": weight_map})

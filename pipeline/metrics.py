@@ -7,10 +7,9 @@ import math
 import os
 from pathlib import Path
 
-import torch
-
 from .config import WandbConfig
 from .fsutil import atomic_write_bytes
+from .layout import RunLayout
 from .redaction import redact, redact_values
 
 log = logging.getLogger(__name__)
@@ -20,10 +19,12 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e1
                    "L40S": 362e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
 
 
-def peak_flops(device: torch.device) -> float | None:
+def peak_flops(device) -> float | None:
     """The device's peak bf16 FLOP/s, or None where unknown (CPU): MFU is then reported as null."""
     if device.type != "cuda":
         return None
+    import torch
+
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
@@ -39,7 +40,7 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path, stage: str, enabled: bool, wandb_cfg: WandbConfig, config: dict):
         self.stage, self.enabled = stage, enabled
-        self.path = run_dir / "metrics.jsonl"
+        self.path = RunLayout(run_dir).metrics
         self._wandb = None
         if enabled and self.path.is_file() and self.path.stat().st_size:
             with open(self.path, "rb+") as f:  # a crash may have cut the last line short: end it
@@ -115,7 +116,7 @@ def _step(record: dict) -> int:
 
 
 def _plain(value):
-    if isinstance(value, torch.Tensor):
+    if hasattr(value, "item") and callable(value.item):  # a tensor (or numpy scalar)
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None  # JSON has no NaN or infinity; the skip counters say what happened

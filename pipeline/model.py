@@ -237,12 +237,16 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
     return order.gather(-1, choice).squeeze(-1)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate(model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, eos_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+             top_p: float = 1.0, eos_id: int | None = None, generator: torch.Generator | None = None,
+             stop_early: bool = True) -> torch.Tensor:
     """Continue each row of prompt_ids [B, T] using a KV cache; returns [B, T + up to max_new_tokens].
 
-    A row that emits eos_id is padded with eos_id; generation stops early once every row has.
+    A row that emits eos_id is padded with eos_id; generation stops once every row has, unless
+    `stop_early=False`: then it always makes max_new_tokens forward calls, as every rank of a ZeRO 3 model
+    must (it gathers parameters collectively). no_grad rather than inference_mode: ZeRO 3 keeps small
+    parameters gathered across calls, and tensors made in inference mode would break the next backward.
     """
     batch_size, prompt_len = prompt_ids.shape
     total_len = prompt_len + max_new_tokens
@@ -256,7 +260,7 @@ def generate(model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int, 
             next_id = next_id.masked_fill(finished, eos_id)
             finished |= next_id == eos_id
         ids = torch.cat([ids, next_id[:, None]], dim=1)
-        if ids.shape[1] == total_len or finished.all():
+        if ids.shape[1] == total_len or (stop_early and finished.all()):
             break
         logits = model(next_id[:, None], kv_cache=kv_cache, start_pos=ids.shape[1] - 1)[:, -1]
     return ids

@@ -12,8 +12,8 @@ not a target, so prompts and padding carry no loss.
 Sequences: with packing, examples are placed first-fit (longest first, deterministic) into windows
 of seq_len + 1 tokens; without, one example per sequence and each micro batch padded to its longest
 member (the global batch is sorted by length before it is dealt out, so neighbours are alike).
-Order and data-parallel split reuse `pipeline.data.PretrainLoader`: seeded permutation per epoch,
-global positions, contiguous slices per rank, exact resume from `samples_consumed`.
+Order and data-parallel split are `batching.GlobalOrder`'s, as for pretraining: seeded permutation per
+epoch, global positions, contiguous slices per rank, exact resume from `samples_consumed`.
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ import torch
 
 from .chat import ROLES, render
 from .config import FinetuneDataConfig
-from .data import Batch, PretrainLoader, _alloc, _check_pin
+from .batching import BatchLayout, FixedBatches, GlobalOrder
+from .data import Batch, _alloc, _check_pin, check_rank
 from .errors import PipelineError
 from .model import IGNORE_INDEX
 
@@ -186,11 +187,6 @@ def _byte_spans(text: str, char_spans: list[tuple[int, int]]) -> list[tuple[int,
     return [(to_byte(start), to_byte(end)) for start, end in char_spans]
 
 
-def encode_conversation(sp, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, target) of one conversation: target[t] says token t is inside an assistant target span."""
-    return encode_many(sp, [messages])[0]
-
-
 def encode_many(sp, conversations: list[list[dict]]) -> list[tuple[np.ndarray, np.ndarray]]:
     rendered = [render(messages) for messages in conversations]
     protos = _encode_protos(sp, [text for text, _ in rendered])
@@ -209,11 +205,6 @@ def encode_many(sp, conversations: list[list[dict]]) -> list[tuple[np.ndarray, n
             target |= np.maximum(begin, s) < np.minimum(end, e)
         out.append((ids, target))
     return out
-
-
-def labels_for(ids: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Shifted labels of one token sequence: labels[t] = ids[t + 1] where that token is a target, else -100."""
-    return np.where(target[1:], ids[1:], IGNORE_INDEX).astype(np.int64)
 
 
 @dataclass
@@ -368,97 +359,76 @@ def first_fit(lengths: np.ndarray, capacity: int) -> list[list[int]]:
 
 # -- loaders -------------------------------------------------------------------------------------
 
-class SFTLoader(PretrainLoader):
-    """Train batches of SFT sequences with the Trainer's interface. The order (a seeded permutation per
-    epoch, chained), the per-rank slices of each global batch and the resume state are PretrainLoader's;
-    only how a micro batch is built differs. Unpacked sequences: the global batch is sorted by length and
-    its micro batches are dealt to the ranks in turn, so each pads little and the ranks stay balanced."""
+class SFTLoader:
+    """Train batches of SFT sequences, with the pretrain loader's interface and order (batching.GlobalOrder:
+    a seeded permutation per epoch, chained; exact resume from samples_consumed); only how a micro batch
+    is built differs. Unpacked sequences: the global batch is sorted by length and its micro batches are
+    dealt to the ranks in turn, so each pads little and the ranks stay balanced."""
 
     def __init__(self, data: SFTSequences, micro_batch_size: int, global_batch_size: int, dp_rank: int = 0,
                  dp_world: int = 1, seed: int = 0, pin_memory: bool = False):
-        # PretrainLoader.__init__ cuts a token stream into windows; here the samples are given.
         if len(data) < 1:
             raise PipelineError(f"the fine-tuning {data.name} split has no example left: add data")
-        if micro_batch_size < 1 or dp_world < 1 or not 0 <= dp_rank < dp_world:
-            raise PipelineError(f"bad data-parallel layout: micro_batch_size={micro_batch_size}, "
-                                f"dp_rank={dp_rank}, dp_world={dp_world}")
-        per_step = micro_batch_size * dp_world
-        if global_batch_size < 1 or global_batch_size % per_step:
-            raise PipelineError(f"finetune.global_batch_size={global_batch_size} is not a multiple of micro_batch_size "
-                                f"× data-parallel size = {micro_batch_size} × {dp_world} = {per_step}: change one")
+        check_rank(dp_rank, dp_world)
+        self.layout = BatchLayout(global_batch_size, micro_batch_size, dp_world, "finetune")
         _check_pin(pin_memory)
-        self.data = self.stream = data  # PretrainLoader.state_dict records stream.fingerprint
-        self.num_samples, self.seq_len, self.seed = len(data), data.seq_len, seed
-        self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
-        self.dp_rank, self.dp_world, self.pin_memory = dp_rank, dp_world, pin_memory
-        self.grad_accum = global_batch_size // per_step
-        self.samples_consumed = 0
-        self._perms: dict[int, np.ndarray] = {}
+        self.data, self.dp_rank, self.pin_memory = data, dp_rank, pin_memory
+        self.order = GlobalOrder(len(data), self.layout, seed)
 
-    def rank_micro_batches(self, step_start: int) -> list[np.ndarray]:
-        """This rank's micro batches (sequence ids) of the global batch at position `step_start`."""
+    def rank_micro_batches(self, step_start: int, rank: int | None = None) -> list[np.ndarray]:
+        """The micro batches (sequence ids) of rank `rank` (default: this one) in the global batch at
+        position `step_start`."""
+        rank = self.dp_rank if rank is None else rank
         if self.data.pack:
-            first = step_start + self.dp_rank * (self.global_batch_size // self.dp_world)
-            ids = self.sample_ids(first, first + self.global_batch_size // self.dp_world)
-            return list(ids.reshape(self.grad_accum, self.micro_batch_size))
-        ids = self.sample_ids(step_start, step_start + self.global_batch_size)
+            return list(self.order.rank_ids(step_start, rank))
+        ids = self.order.step_ids(step_start)
         ids = ids[np.argsort(self.data.lengths[ids], kind="stable")]
-        chunks = ids.reshape(self.grad_accum * self.dp_world, self.micro_batch_size)
-        return list(chunks[self.dp_rank::self.dp_world])
+        chunks = ids.reshape(self.layout.accumulation * self.layout.world, self.layout.micro_batch)
+        return list(chunks[rank::self.layout.world])
 
     def next_global_batch(self) -> list[Batch]:
-        batches = [self.data.batch(micro, self.pin_memory) for micro in self.rank_micro_batches(self.samples_consumed)]
-        self.samples_consumed += self.global_batch_size  # only once the whole step's data exists
+        micro_batches = self.rank_micro_batches(self.order.samples_consumed)
+        batches = [self.data.batch(micro, self.pin_memory) for micro in micro_batches]
+        self.order.advance()  # only once the whole step's data exists
         return batches
 
     def epoch_padding_fraction(self) -> float:
         """Padding share of one epoch's micro batches as this loader builds them (all ranks)."""
-        steps = -(-self.num_samples // self.global_batch_size)
-        saved, self.dp_rank = self.dp_rank, 0
+        steps = -(-len(self.data) // self.layout.global_batch)
         used = slots = 0
-        try:
-            for step in range(steps):
-                for rank in range(self.dp_world):
-                    self.dp_rank = rank
-                    for micro in self.rank_micro_batches(step * self.global_batch_size):
-                        slots += self.data.width(micro) * len(micro)
-                        used += int((self.data.lengths[micro] - 1).sum())
-        finally:
-            self.dp_rank = saved
+        for step in range(steps):
+            for rank in range(self.layout.world):
+                for micro in self.rank_micro_batches(step * self.layout.global_batch, rank):
+                    slots += self.data.width(micro) * len(micro)
+                    used += int((self.data.lengths[micro] - 1).sum())
         return 1.0 - used / slots
 
+    def state_dict(self) -> dict:
+        return {**self.order.state_dict(), "seq_len": self.data.seq_len, "fingerprint": dict(self.data.fingerprint)}
+
     def load_state_dict(self, state: dict) -> None:
-        if state.get("fingerprint") != self.state_dict()["fingerprint"]:
+        if state.get("fingerprint") != self.data.fingerprint:
             raise PipelineError(f"refusing to resume: the fine-tuning data or its tokenization changed since the "
                                 f"checkpoint (checkpoint {state.get('fingerprint')}, now {self.data.fingerprint}): "
                                 f"restore them, or start over with finetune.resume=none")
-        super().load_state_dict(state)
+        for key in ("global_batch_size", "seed"):
+            if state.get(key) != self.state_dict()[key]:
+                raise PipelineError(f"refusing to resume: finetune {key} is {self.state_dict()[key]} but the "
+                                    f"checkpoint was written with {state.get(key)}: set it back or start over")
+        self.order.load_samples_consumed(state.get("samples_consumed"))
 
 
-class SFTEvalBatches:
-    """Fixed held-out batches, re-iterable: batch b holds sequences [b*B*W, (b+1)*B*W) of the held-out
-    split and rank r takes [b*B*W + r*B, +B) of it (B = micro batch, W = ranks), as EvalBatches does.
-    Every rank gets the same number of batches (ZeRO 3 runs the forward passes collectively)."""
-
-    def __init__(self, data: SFTSequences | None, batch_size: int, num_batches: int, dp_rank: int = 0,
-                 dp_world: int = 1, pin_memory: bool = False):
-        per_batch = batch_size * dp_world
-        available = 0 if data is None else len(data) // per_batch
-        self.num_batches = min(num_batches, available)
-        if data is not None and num_batches > 0 and available < num_batches:
-            log.warning("finetune eval: the held-out split has %d sequences, %d batch(es) of %d × %d ranks "
-                        "(asked for %d)%s", len(data), available, batch_size, dp_world, num_batches,
-                        "; no validation loss" if not available else "")
-        self.data, self.batch_size, self.dp_rank, self.dp_world = data, batch_size, dp_rank, dp_world
-        self.pin_memory = pin_memory
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def __iter__(self) -> Iterator[Batch]:
-        for b in range(self.num_batches):
-            first = (b * self.dp_world + self.dp_rank) * self.batch_size
-            yield self.data.batch(np.arange(first, first + self.batch_size), self.pin_memory)
+def sft_eval_batches(data: SFTSequences | None, batch_size: int, num_batches: int, dp_rank: int = 0,
+                     dp_world: int = 1, pin_memory: bool = False) -> FixedBatches:
+    """Fixed held-out batches (batching.FixedBatches); none when there is no held-out split."""
+    available = 0 if data is None else len(data)
+    batches = FixedBatches(available, batch_size, num_batches, dp_rank, dp_world,
+                           lambda ids: data.batch(ids, pin_memory))
+    if data is not None and num_batches > 0 and batches.full < num_batches:
+        log.warning("finetune eval: the held-out split has %d sequences, %d batch(es) of %d × %d ranks "
+                    "(asked for %d)%s", len(data), batches.full, batch_size, dp_world, num_batches,
+                    "; no validation loss" if not batches.full else "")
+    return batches
 
 
 # -- exact match ---------------------------------------------------------------------------------

@@ -25,18 +25,46 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from .config import PipelineConfig
+from .config import DataConfig, ShardConfig
+from .context import Context
 from .corpus import Corpus, DocumentBatch
 from .errors import PipelineError
 from .fsutil import atomic_write_json, fsync_dir, replace_dir, sha256_file
 from .indexed import IndexedDatasetWriter, ShardInfo, token_dtype
-from .tokenizer import load_tokenizer
+from .layout import MANIFEST, RunLayout
+from .vocab import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
-MANIFEST = "manifest.json"
 PART_MANIFEST = "part.json"
+
+
+# -- the stage's face ------------------------------------------------------------------------------------
+def inputs(ctx: Context) -> dict:
+    if not ctx.layout.tokenizer.is_file():
+        raise PipelineError(f"no tokenizer at {ctx.layout.tokenizer}: run stages=[tokenize,shard] "
+                            f"or set tokenizer.path= with stage tokenize")
+    shard = {k: v for k, v in asdict(ctx.cfg.shard).items() if k not in ("encode_threads", "batch_mb")}
+    return {"tokenizer_sha256": sha256_file(ctx.layout.tokenizer), "data": asdict(ctx.cfg.data),
+            "corpus": ctx.corpus_identity(), "shard": shard}
+
+
+def run(ctx: Context) -> list[Path]:
+    """This job's share: the whole stage, one part (shard.worker_index), or the merge of the parts."""
+    layout, shard = ctx.layout, ctx.cfg.shard
+    manifest = shard_corpus(ctx.open_corpus(), shard, ctx.cfg.data, layout)
+    if shard.worker_index is not None and shard.num_workers > 1:  # a part: the merge consumes it
+        return [part_dir(layout, shard.worker_index) / PART_MANIFEST]
+    files = [layout.manifest]
+    for split, body in manifest["splits"].items():
+        for info in body["shards"]:
+            files += [layout.shards / split / (info["prefix"] + ".bin"), layout.shards / split / (info["prefix"] + ".idx")]
+    return files
+
+
+def part_dir(layout: RunLayout, index: int) -> Path:
+    return layout.shard_parts / f"w{index:03d}"
 
 
 def is_validation(indices: np.ndarray, seed: int, fraction: float) -> np.ndarray:
@@ -113,23 +141,23 @@ def flatten_with_eos(ids: list[np.ndarray], eos: int, dtype: np.dtype) -> tuple[
     return flat, lengths
 
 
-def write_shards(corpus: Corpus, cfg: PipelineConfig, tokenizer_path: Path, out_dir: Path,
+def write_shards(corpus: Corpus, shard: ShardConfig, data: DataConfig, tokenizer_path: Path, out_dir: Path,
                  num_parts: int = 1, part: int = 0, name_prefix: str = "") -> dict:
     """Encode this job's documents into `out_dir`/{train,val}; return the manifest body."""
     sp = load_tokenizer(tokenizer_path)
     vocab_size, eos = sp.get_piece_size(), sp.eos_id()
     dtype = token_dtype(vocab_size)
-    threads = cfg.shard.encode_threads or os.cpu_count() or 1
-    shard_bytes = max(1, int(cfg.shard.shard_size_mb * (1 << 20)))
+    threads = shard.encode_threads or os.cpu_count() or 1
+    shard_bytes = max(1, int(shard.shard_size_mb * (1 << 20)))
     writers = {split: SplitWriter(out_dir / split, name_prefix, dtype, shard_bytes) for split in SPLITS}
     counts = {split: {"documents": 0, "tokens": 0} for split in SPLITS}
     started, total_tokens = time.perf_counter(), 0
     progress = tqdm(desc="shard", unit="B", unit_scale=True, unit_divisor=1024, mininterval=1.0)
     try:
-        batches = corpus.batches(max(1, int(cfg.shard.batch_mb * (1 << 20))), num_parts=num_parts, part=part)
+        batches = corpus.batches(max(1, int(shard.batch_mb * (1 << 20))), num_parts=num_parts, part=part)
         for batch, ids in encoded(sp, batches, threads):
             tokens, lengths = flatten_with_eos(ids, eos, dtype)
-            val_docs = is_validation(np.asarray(batch.indices), cfg.data.seed, cfg.data.val_fraction)
+            val_docs = is_validation(np.asarray(batch.indices), data.seed, data.val_fraction)
             val_tokens = np.repeat(val_docs, lengths)
             for split, doc_mask, token_mask in (("train", ~val_docs, ~val_tokens), ("val", val_docs, val_tokens)):
                 if doc_mask.any():
@@ -155,37 +183,38 @@ def write_shards(corpus: Corpus, cfg: PipelineConfig, tokenizer_path: Path, out_
              counts["train"]["documents"], counts["val"]["documents"], total_tokens,
              corpus.stats.skipped_empty, corpus.stats.replaced_chars,
              corpus.stats.text_bytes / seconds / 1e6, total_tokens / seconds / 1e6)
-    if cfg.data.val_fraction > 0 and counts["val"]["documents"] == 0:
-        log.warning("shard: no document went to validation (data.val_fraction=%s); raise it", cfg.data.val_fraction)
+    if data.val_fraction > 0 and counts["val"]["documents"] == 0:
+        log.warning("shard: no document went to validation (data.val_fraction=%s); raise it", data.val_fraction)
     return {
         "format": "MMIDIDX", "format_version": 1,
         "tokenizer_sha256": sha256_file(tokenizer_path), "vocab_size": vocab_size, "dtype": dtype.name,
         "eos_id": eos, "bos_id": sp.bos_id(), "pad_id": sp.pad_id(),
-        "val_fraction": cfg.data.val_fraction, "seed": cfg.data.seed,
+        "val_fraction": data.val_fraction, "seed": data.seed,
         "splits": {split: {**counts[split], "shards": shards[split]} for split in SPLITS},
         "corpus": corpus.stats.as_dict(),  # what was read: the whole corpus, also for one part
     }
 
 
-def shard_corpus(corpus: Corpus, cfg: PipelineConfig, tokenizer_path: Path, run_dir: Path) -> dict:
+def shard_corpus(corpus: Corpus, shard: ShardConfig, data: DataConfig, layout: RunLayout) -> dict:
     """Run this job's share of the stage; returns the manifest once `shards/` is complete."""
-    workers, index = cfg.shard.num_workers, cfg.shard.worker_index
+    workers, index = shard.num_workers, shard.worker_index
     if workers == 1:
-        staging = fresh_dir(run_dir / "shards.tmp")
+        staging = fresh_dir(layout.shards.with_name("shards.tmp"))
         with removed_on_error(staging):
-            manifest = write_shards(corpus, cfg, tokenizer_path, staging)
+            manifest = write_shards(corpus, shard, data, layout.tokenizer, staging)
         atomic_write_json(staging / MANIFEST, manifest)
-        replace_dir(staging, run_dir / "shards")
+        replace_dir(staging, layout.shards)
         return manifest
-    parts = run_dir / "shards.parts"
     if index is None:
-        return merge_parts(parts, workers, run_dir / "shards")
-    parts.mkdir(parents=True, exist_ok=True)
-    staging = fresh_dir(parts / f"w{index:03d}.tmp")
+        return merge_parts(layout, workers)
+    layout.shard_parts.mkdir(parents=True, exist_ok=True)
+    final = part_dir(layout, index)
+    staging = fresh_dir(final.with_name(final.name + ".tmp"))
     with removed_on_error(staging):
-        manifest = write_shards(corpus, cfg, tokenizer_path, staging, workers, index, name_prefix=f"w{index:03d}-")
+        manifest = write_shards(corpus, shard, data, layout.tokenizer, staging, workers, index,
+                                name_prefix=f"w{index:03d}-")
     atomic_write_json(staging / PART_MANIFEST, {**manifest, "part": index, "num_parts": workers})
-    replace_dir(staging, parts / f"w{index:03d}")
+    replace_dir(staging, final)
     return manifest
 
 
@@ -199,11 +228,12 @@ def removed_on_error(staging: Path) -> Iterator[None]:
         raise
 
 
-def merge_parts(parts: Path, workers: int, final: Path) -> dict:
+def merge_parts(layout: RunLayout, workers: int) -> dict:
     """Link every part's shards into one `shards/` folder with one manifest (parts stay until done)."""
+    final = layout.shards
     manifests = []
     for index in range(workers):
-        path = parts / f"w{index:03d}" / PART_MANIFEST
+        path = part_dir(layout, index) / PART_MANIFEST
         if not path.is_file():
             raise PipelineError(f"shard part {index} of {workers} is missing ({path}): run it with "
                                 f"shard.worker_index={index} shard.num_workers={workers} first")
@@ -220,17 +250,17 @@ def merge_parts(parts: Path, workers: int, final: Path) -> dict:
     for index, m in enumerate(manifests):
         for split in SPLITS:
             (staging / split).mkdir(exist_ok=True)
-            for shard in m["splits"][split]["shards"]:
+            for info in m["splits"][split]["shards"]:
                 for suffix in (".bin", ".idx"):
-                    os.link(parts / f"w{index:03d}" / split / (shard["prefix"] + suffix),
-                            staging / split / (shard["prefix"] + suffix))
+                    os.link(part_dir(layout, index) / split / (info["prefix"] + suffix),
+                            staging / split / (info["prefix"] + suffix))
             target = merged["splits"][split]
             target["documents"] += m["splits"][split]["documents"]
             target["tokens"] += m["splits"][split]["tokens"]
             target["shards"] += m["splits"][split]["shards"]
     atomic_write_json(staging / MANIFEST, merged)
     replace_dir(staging, final)
-    shutil.rmtree(parts)
+    shutil.rmtree(layout.shard_parts)
     return merged
 
 

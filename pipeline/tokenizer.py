@@ -18,31 +18,35 @@ from typing import Iterator
 import sentencepiece as spm
 from tqdm import tqdm
 
+from dataclasses import asdict
+
 from .config import TokenizerConfig
+from .context import Context
 from .corpus import Corpus
 from .errors import PipelineError
-from .fsutil import atomic_write_bytes
+from .fsutil import atomic_write_bytes, sha256_file
+from .vocab import BOS, BOS_ID, CHAT_TOKENS, EOS, EOS_ID, PAD, PAD_ID, UNK, UNK_ID, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
-# ChatML-style turn markers for the finetune stage; reserved now so every tokenizer has them.
-CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+# -- the stage's face ------------------------------------------------------------------------------------
+def inputs(ctx: Context) -> dict:
+    cfg = ctx.cfg.tokenizer
+    if cfg.path:
+        path = Path(cfg.path)
+        return {"reuse_sha256": sha256_file(path) if path.is_file() else "missing"}
+    data = {k: v for k, v in asdict(ctx.cfg.data).items() if k != "val_fraction"}
+    settings = {k: v for k, v in asdict(cfg).items() if k != "num_threads"}
+    return {"tokenizer": settings, "data": data, "corpus": ctx.corpus_identity()}
 
 
-def load_tokenizer(path: Path) -> spm.SentencePieceProcessor:
-    if Path(path).is_dir():
-        raise PipelineError(f"tokenizer {path} is a folder: point tokenizer.path at the SentencePiece .model file")
-    if not Path(path).is_file():
-        raise PipelineError(f"tokenizer {path} does not exist: run stages=[tokenize] or set tokenizer.path=")
-    try:
-        sp = spm.SentencePieceProcessor(model_file=str(path))
-    except (RuntimeError, OSError) as exc:
-        raise PipelineError(f"tokenizer {path} is not a SentencePiece model ({str(exc).splitlines()[0]}): point "
-                            f"tokenizer.path at a SentencePiece .model file, or leave it unset to train one") from exc
-    if sp.eos_id() < 0:
-        raise PipelineError(f"tokenizer {path} has no end-of-sequence token (</s>); train one with this stage")
-    return sp
+def run(ctx: Context) -> list[Path]:
+    if ctx.cfg.tokenizer.path:
+        reuse_tokenizer(Path(ctx.cfg.tokenizer.path), ctx.layout.tokenizer)
+    else:
+        train_tokenizer(ctx.open_corpus(), ctx.cfg.tokenizer, ctx.layout.tokenizer, seed=ctx.cfg.data.seed)
+    return [ctx.layout.tokenizer]
 
 
 def training_chunks(texts: Iterator[str], max_bytes: int) -> Iterator[str]:
@@ -110,7 +114,7 @@ def train_tokenizer(corpus: Corpus, cfg: TokenizerConfig, out_path: Path, seed: 
             split_digits=True,
             allow_whitespace_only_pieces=True,
             split_by_whitespace=True,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
             unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
             user_defined_symbols=list(CHAT_TOKENS),
             minloglevel=2,

@@ -9,15 +9,16 @@ import torch
 
 from conftest import error_lines, run_cli
 from pipeline import autobatch
+from pipeline.batching import BatchLayout
 from pipeline.config import DeepSpeedConfig, ModelConfig, PrecisionConfig, TrainConfig
 from pipeline.errors import PipelineError
 
 
 def test_candidates_are_the_divisors_of_global_over_ranks():
-    assert autobatch.candidates(TrainConfig(micro_batch_size="auto", global_batch_size=24), "train", 2) == \
+    assert BatchLayout.micro_batch_choices(TrainConfig(micro_batch_size="auto", global_batch_size=24), "train", 2) == \
         [1, 2, 3, 4, 6, 12]
     with pytest.raises(PipelineError, match="not a multiple of the 4 data-parallel ranks"):
-        autobatch.candidates(TrainConfig(micro_batch_size="auto", global_batch_size=10), "train", 4)
+        BatchLayout.micro_batch_choices(TrainConfig(micro_batch_size="auto", global_batch_size=10), "train", 4)
 
 
 def test_search_takes_the_largest_fitting_candidate_in_few_probes():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import EvalBatches, PretrainLoader, open_split
+from pipeline.data import PretrainLoader, eval_batches, open_split
 from pipeline.errors import PipelineError
 from pipeline.fsutil import sha256_file
 from pipeline.indexed import IndexedDatasetWriter
@@ -99,7 +99,7 @@ def test_stream_is_the_concatenation_and_windows_span_shards(stream):
     with pytest.raises(IndexError):
         stream.read(total - 3, 4)
     n = (total - 1) // SEQ
-    ev = EvalBatches(stream, SEQ, batch_size=1)  # every window, in order
+    ev = eval_batches(stream, SEQ, batch_size=1)  # every window, in order
     assert len(ev) == n
     windows = [torch.cat([x[0], y[0, -1:]]) for x, y in ev]
     bounds = set(np.cumsum(SHARD_SIZES)[:-1].tolist())
@@ -131,18 +131,18 @@ def test_every_sample_once_per_epoch_and_seeded_order(stream):
     epochs = [flat[e * n:(e + 1) * n] for e in range(3)]
     for e, order in enumerate(epochs):
         assert sorted(order) == list(range(n))
-        assert order == ld.permutation(e).tolist()
+        assert order == ld.order.permutation(e).tolist()
     assert epochs[0] != epochs[1] != epochs[2]
-    assert ld.epoch == 3 and ld.samples_consumed == len(flat)
+    assert ld.order.epoch == 3 and ld.order.samples_consumed == len(flat)
     assert sum(take(loader(stream), 20), []) == flat[:160]  # deterministic
     assert sum(take(loader(stream, seed=8), 8), []) != flat[:64]
 
 
 def test_ranks_get_disjoint_slices_of_the_same_global_batch(stream):
     single = loader(stream, mbs=2, gbs=4)  # 1 rank x mbs 2 x accum 2
-    assert single.grad_accum == 2
+    assert single.layout.accumulation == 2
     ranks = [loader(stream, mbs=2, gbs=4, rank=r, world=2) for r in range(2)]  # 2 ranks x mbs 2 x accum 1
-    assert ranks[0].grad_accum == 1
+    assert ranks[0].layout.accumulation == 1
     for _ in range(40):  # crosses an epoch boundary
         want = sample_ids(single.next_global_batch())
         parts = [sample_ids(ld.next_global_batch()) for ld in ranks]
@@ -270,7 +270,7 @@ def test_split_too_small_for_one_window(tmp_path):
     with pytest.raises(PipelineError, match="train split has 16 tokens, too few for one window of seq_len"):
         PretrainLoader(s, 16, 1, 1, 0, 1, 0)
     with pytest.raises(PipelineError, match="fewer than one eval batch"):
-        EvalBatches(open_split(shards, "val", tok), 16, batch_size=32)  # 12 windows
+        eval_batches(open_split(shards, "val", tok), 16, batch_size=32)  # 12 windows
 
 
 def test_unknown_verify_mode_and_split(run):
@@ -284,18 +284,18 @@ def test_unknown_verify_mode_and_split(run):
 
 def test_eval_batches_fixed_and_disjoint(run):
     s = open_split(run[0], "val", run[1])  # 200 tokens: 12 windows of 16 + 1
-    one = EvalBatches(s, SEQ, batch_size=4, num_batches=2)
+    one = eval_batches(s, SEQ, batch_size=4, num_batches=2)
     assert len(one) == 2
     first = [sample_ids([b]) for b in one]
     assert first == [[0, 1, 2, 3], [4, 5, 6, 7]] and [sample_ids([b]) for b in one] == first  # re-iterable
     # batch_size is per rank: 2 ranks x 2 cover the same windows as 1 rank x 4, disjoint and in order
-    ranks = [EvalBatches(s, SEQ, batch_size=2, num_batches=2, dp_rank=r, dp_world=2) for r in range(2)]
+    ranks = [eval_batches(s, SEQ, batch_size=2, num_batches=2, dp_rank=r, dp_world=2) for r in range(2)]
     per_rank = [[sample_ids([b]) for b in ev] for ev in ranks]
     assert per_rank == [[[0, 1], [4, 5]], [[2, 3], [6, 7]]]
-    assert len(EvalBatches(s, SEQ, batch_size=4, num_batches=10)) == 3  # capped to the batches that exist
-    assert len(EvalBatches(s, SEQ, batch_size=2, num_batches=10, dp_rank=2, dp_world=3)) == 2
+    assert len(eval_batches(s, SEQ, batch_size=4, num_batches=10)) == 3  # capped to the batches that exist
+    assert len(eval_batches(s, SEQ, batch_size=2, num_batches=10, dp_rank=2, dp_world=3)) == 2
     with pytest.raises(PipelineError, match="fewer than one eval batch of 5 × 3 ranks"):
-        EvalBatches(s, SEQ, batch_size=5, dp_world=3)
+        eval_batches(s, SEQ, batch_size=5, dp_world=3)
 
 
 def test_optional_split_absent(tmp_path):

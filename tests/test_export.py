@@ -21,9 +21,10 @@ from pipeline.chat import render
 from pipeline.checkpoint import RECORD, find_resumable, tag_for
 from pipeline.config import ExportConfig, ModelConfig, PipelineConfig
 from pipeline.errors import PipelineError
-from pipeline.hf_llama import from_hf_state_dict
+from pipeline.hf_llama import expected_shapes, from_hf_state_dict
+from pipeline.layout import RunLayout
 from pipeline.model import Transformer, generate
-from pipeline.tokenizer import load_tokenizer
+from pipeline.vocab import load_tokenizer
 
 TINY = ("model=tiny", "train.seq_len=64", "train.micro_batch_size=2", "train.global_batch_size=8",
         "train.log_interval=1", "train.warmup_steps=2", "train.lr=3e-3", "train.eval_batches=2",
@@ -40,7 +41,7 @@ MORE_TEXT = [
 
 
 def export(run_dir: Path, source: str = "pretrain", **overrides) -> Path:
-    return ex.export_model(PipelineConfig(export=ExportConfig(**{"dtype": "float32", **overrides})), run_dir, source)
+    return ex.export_model(ExportConfig(**{"dtype": "float32", **overrides}), ModelConfig(), RunLayout.of(run_dir), source)
 
 
 def hf_model(folder: Path):
@@ -58,7 +59,7 @@ def our_model(model_cfg: ModelConfig, state: dict) -> Transformer:
 def model_config(run_dir: Path) -> ModelConfig:
     _, record = find_resumable(run_dir / "pretrain" / "checkpoints")
     sp = load_tokenizer(run_dir / "tokenizer" / "tokenizer.model")
-    return ex.model_config_for(PipelineConfig(), record, sp.get_piece_size())
+    return ex.model_config_for(ModelConfig(), record, sp.get_piece_size())
 
 
 def exported_state(folder: Path, model_cfg: ModelConfig) -> dict:
@@ -255,11 +256,11 @@ def test_interrupted_export_never_leaves_a_folder_that_loads(trained, tmp_path, 
 
     # 2. the process dies halfway through the weights: only a staging folder remains, and it does not load
     code = (f"import os, sys; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path\n"
-            "import pipeline.export as ex\nfrom pipeline.config import ExportConfig, PipelineConfig\n"
-            "real = ex.write_safetensors\n"
+            "import pipeline.export as ex, pipeline.hf_llama as hf\nfrom pipeline.config import ExportConfig, ModelConfig\n"
+            "from pipeline.layout import RunLayout\nreal = hf.write_safetensors\n"
             "def dying(path, entries, dtype):\n    real(path, entries[:2], dtype)\n    os._exit(9)\n"
-            "ex.write_safetensors = dying\n"
-            f"ex.export_model(PipelineConfig(export=ExportConfig(dtype='float32')), Path({str(run_dir)!r}), 'pretrain')\n")
+            "hf.write_safetensors = dying\n"
+            f"ex.export_model(ExportConfig(dtype='float32'), ModelConfig(), RunLayout.of(Path({str(run_dir)!r})), 'pretrain')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 9, proc.stderr[-3000:]
     leftovers = list(target.parent.glob("pretrain.tmp-*"))
@@ -280,13 +281,13 @@ def test_interrupted_export_never_leaves_a_folder_that_loads(trained, tmp_path, 
 @pytest.mark.slow
 def test_run_export_all_and_missing_checkpoints(trained, data_run):
     run_dir = trained("zero2", "bf16")
-    files = ex.run_export(PipelineConfig(export=ExportConfig(source="all")), run_dir)
+    files = ex.export_sources(ExportConfig(source="all"), ModelConfig(), RunLayout.of(run_dir))
     assert {p.parent for p in files} == {run_dir / "export" / "pretrain"}  # no finetune checkpoints
     assert all(p.is_file() for p in files) and any(p.name == "model.safetensors" for p in files)
     with pytest.raises(PipelineError, match="no complete finetune checkpoint"):
-        ex.export_model(PipelineConfig(), run_dir, "finetune")
+        ex.export_model(ExportConfig(), ModelConfig(), RunLayout.of(run_dir), "finetune")
     with pytest.raises(PipelineError, match="no complete pretrain or finetune checkpoint"):
-        ex.run_export(PipelineConfig(export=ExportConfig(source="all")), data_run)
+        ex.export_sources(ExportConfig(source="all"), ModelConfig(), RunLayout.of(data_run))
 
 
 # -- a hand-made ZeRO 0 checkpoint (fast) ---------------------------------------------------------------------
@@ -350,12 +351,12 @@ def test_model_config_falls_back_to_cfg_model_and_mismatches_are_one_line_errors
     vocab = load_tokenizer(run_dir / "tokenizer" / "tokenizer.model").get_piece_size()
     write_stage0_checkpoint(run_dir, Transformer(ModelConfig(vocab_size=vocab)), record_model=False)
     assert loads(export(run_dir))  # cfg.model (tiny) with the tokenizer's vocabulary
-    wrong = PipelineConfig(model=ModelConfig(dim=32, n_heads=2, n_kv_heads=1), export=ExportConfig(dtype="float32"))
+    wrong = ModelConfig(dim=32, n_heads=2, n_kv_heads=1)
     with pytest.raises(PipelineError, match="does not match the model config") as error:
-        ex.export_model(wrong, run_dir, "pretrain")
+        ex.export_model(ExportConfig(dtype="float32"), wrong, RunLayout.of(run_dir), "pretrain")
     assert "\n" not in str(error.value)
     with pytest.raises(PipelineError, match="no complete finetune checkpoint"):
-        ex.export_model(PipelineConfig(), run_dir, "finetune")
+        ex.export_model(ExportConfig(), ModelConfig(), RunLayout.of(run_dir), "finetune")
 
 
 def test_the_model_card_redacts_secrets():
@@ -372,4 +373,4 @@ def test_the_model_card_redacts_secrets():
 def test_expected_shapes_are_the_model_state_dict():
     for cfg in (ModelConfig(vocab_size=300), ModelConfig(vocab_size=77, dim=48, n_layers=3, n_heads=6, n_kv_heads=2,
                                                           ffn_dim=100, tie_embeddings=True)):
-        assert ex.expected_shapes(cfg) == {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
+        assert expected_shapes(cfg) == {k: v.shape for k, v in Transformer(cfg).state_dict().items()}

@@ -28,7 +28,8 @@ SENTENCES = ["Where does Kakel Famevu live? Kakel Famevu lives in Vathbury, on t
 def sp(tmp_path_factory):
     from pipeline.config import DataConfig, TokenizerConfig
     from pipeline.corpus import Corpus
-    from pipeline.tokenizer import load_tokenizer, train_tokenizer
+    from pipeline.tokenizer import train_tokenizer
+    from pipeline.vocab import load_tokenizer
 
     folder = tmp_path_factory.mktemp("sp")
     docs = mixed_documents(200) + SENTENCES * 30
@@ -202,12 +203,12 @@ def test_loader_resumes_exactly_and_ranks_are_disjoint(tmp_path, sp, pack):
 
 def test_eval_batches_are_fixed_and_split_across_ranks(tmp_path, sp):
     data = S.SFTSequences(conversations(tmp_path, varied_records(80)), sp, 64, pack=False)
-    ranks = [S.SFTEvalBatches(data, 4, 3, r, 2) for r in range(2)]
+    ranks = [S.sft_eval_batches(data, 4, 3, r, 2) for r in range(2)]
     assert [len(r) for r in ranks] == [3, 3]
     first = [b[0].clone() for b in ranks[0]]
     assert all(a.equal(b[0]) for a, b in zip(first, ranks[0]))  # re-iterable: the same batches
     assert not any(a.shape == b[0].shape and a.equal(b[0]) for a, b in zip(first, ranks[1]))
-    assert len(S.SFTEvalBatches(data, 64, 3, 0, 2)) == 0  # too small for one batch: no validation loss
+    assert len(S.sft_eval_batches(data, 64, 3, 0, 2)) == 0  # too small for one batch: no validation loss
 
 
 def test_exact_match_questions_end_with_the_generation_prompt(tmp_path, sp):
@@ -285,7 +286,7 @@ def test_finetuning_teaches_the_answer_format(pretrained, tmp_path):
     held-out questions in the right form (a colour, a year, a name) and some of them exactly. (The tiny
     model at this length holds few facts and does not yet look answers up in a passage: exact match stays
     low for both tasks; see README.)"""
-    from pipeline.finetune import answers_path
+    from pipeline.layout import RunLayout
 
     run_dir = copy_run(pretrained, tmp_path)
     proc = finetune_cli(run_dir, *FINETUNE)
@@ -295,7 +296,7 @@ def test_finetuning_teaches_the_answer_format(pretrained, tmp_path):
     assert em["before"]["exact_match_total"] == em["after"]["exact_match_total"] == QUESTIONS
     formed = {}
     for when in ("before", "after"):
-        rows = [json.loads(line) for line in answers_path(run_dir, when).read_text().splitlines()]
+        rows = [json.loads(line) for line in RunLayout.of(run_dir).exact_match_answers(when).read_text().splitlines()]
         assert len(rows) == QUESTIONS and sum(r["correct"] for r in rows) == em[when]["exact_match_correct"]
         assert {r["task"] for r in rows} == {"reading", "recall"}
         # the question is the prompt's last line (a reading prompt starts with its passage)

@@ -6,7 +6,8 @@ import sentencepiece as spm
 
 from conftest import ADVERSARIAL, mixed_documents, run_cli, write_jsonl
 from pipeline.indexed import IndexedDataset
-from pipeline.tokenizer import CHAT_TOKENS, training_chunks
+from pipeline.tokenizer import training_chunks
+from pipeline.vocab import CHAT_TOKENS
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,9 @@ from pipeline.checkpoint import RECORD, find_resumable, prune, verify
 from pipeline.config import DeepSpeedConfig, ModelConfig, PrecisionConfig, TrainConfig
 from pipeline.errors import PipelineError
 from pipeline.model import Transformer
-from pipeline.train import deepspeed_config, grad_accumulation, lr_at, param_groups
+from pipeline.batching import BatchLayout
+from pipeline.engine import deepspeed_config, param_groups
+from pipeline.schedule import lr_at
 
 
 def test_schedules():
@@ -42,9 +44,9 @@ def test_deepspeed_json_follows_the_groups():
 
 
 def test_global_batch_must_divide():
-    assert grad_accumulation(TrainConfig(micro_batch_size=2, global_batch_size=16), world_size=2) == 4
+    assert BatchLayout.of(TrainConfig(micro_batch_size=2, global_batch_size=16), "train", 2).accumulation == 4
     with pytest.raises(PipelineError, match="not a multiple"):
-        grad_accumulation(TrainConfig(micro_batch_size=2, global_batch_size=6), world_size=2)
+        BatchLayout.of(TrainConfig(micro_batch_size=2, global_batch_size=6), "train", 2)
 
 
 def test_no_weight_decay_on_norms_and_embeddings():

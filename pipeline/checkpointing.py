@@ -1,0 +1,109 @@
+"""The trainer's checkpoint part: which checkpoint to resume from, saves in the background, their metrics.
+
+Saves go through `checkpoint.save_checkpoint` (a host copy, then the engine's background writer); one is
+in flight at a time. Each finished save leaves a metrics record: how long it held up training and how
+long until its complete.json was written.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+from . import control
+from .checkpoint import find_resumable, load_checkpoint, save_checkpoint, verify
+from .errors import PipelineError
+from .metrics import MetricsLogger
+
+log = logging.getLogger(__name__)
+
+# switches that change how the model runs, not its weights: they may differ across a resume
+RUNTIME_ONLY = {"name", "compile", "activation_checkpointing", "dropout"}
+
+
+class Checkpointer:
+    def __init__(self, engine, root: Path, resume: str, keep_last: int, metrics: MetricsLogger, stage: str,
+                 section: str):
+        self.engine, self.root, self.resume_choice, self.keep_last = engine, root, resume, keep_last
+        self.metrics, self.stage, self.section = metrics, stage, section
+        self._in_flight: tuple[int, float, float] | None = None  # (step, start, seconds it blocked)
+
+    # -- resume -----------------------------------------------------------------------------------
+    def find(self) -> tuple[Path, dict] | None:
+        """The checkpoint {section}.resume names: auto (newest complete one of this run), none, or a folder."""
+        choice = self.resume_choice
+        if choice == "none":
+            self._set_aside_old_checkpoints()
+            return None
+        if choice == "auto":  # sizes and sha256 of every file, hashed by all ranks together
+            return find_resumable(self.root, digests=True, collective=True)
+        folder = Path(choice).expanduser().resolve()
+        if not folder.is_dir():
+            raise PipelineError(f"{self.section}.resume={choice!r} is not a checkpoint folder")
+        record, problem = verify(folder, digests=True, collective=True)
+        if record is None:  # DeepSpeed's files are pickles: never load what the record does not vouch for
+            raise PipelineError(f"refusing to resume from {folder}: {problem}; give another checkpoint folder, "
+                                f"or {self.section}.resume=auto for the newest one that verifies")
+        return folder, record
+
+    def load(self, folder: Path, record: dict, model_config: dict, restore_rng: bool = True) -> dict:
+        """Restore the engine from `folder`; returns the trainer state its record holds."""
+        saved_model = record.get("trainer_state", {}).get("model") or {}
+        changed = sorted(k for k in saved_model if k not in RUNTIME_ONLY and saved_model[k] != model_config.get(k))
+        if changed:
+            raise PipelineError(f"checkpoint {folder} was written for another model (differs in {changed}); "
+                                f"use a new run_dir or {self.section}.resume=none")
+        return load_checkpoint(self.engine, folder, restore_rng=restore_rng)
+
+    def _set_aside_old_checkpoints(self) -> None:
+        """A fresh start must not share a folder with an older run's checkpoints (resume=auto would
+        later pick whichever has the higher step): they move to checkpoints.old-N, nothing is lost."""
+        root = self.root
+        if dist.get_rank() == 0 and root.is_dir() and any(root.iterdir()):
+            number = 1
+            while root.with_name(f"{root.name}.old-{number}").exists():
+                number += 1
+            root.rename(root.with_name(f"{root.name}.old-{number}"))
+            log.info("%s: %s.resume=none: earlier checkpoints moved to %s.old-%d", self.stage, self.section, root,
+                     number)
+        dist.barrier()
+
+    # -- saves ------------------------------------------------------------------------------------
+    def save(self, step: int, trainer_state: dict) -> Path:
+        """Start a save; training goes on while the writer finishes it (finish)."""
+        self.wait()
+        started = time.perf_counter()
+        with control.long_timeout():  # writing to slow storage may outlast launch.step_timeout_s
+            folder = save_checkpoint(self.engine, self.root, step, trainer_state, self.keep_last,
+                                     timeout_s=control.long_timeout_s())
+        self._in_flight = (step, started, time.perf_counter() - started)
+        return folder
+
+    def finish(self) -> None:
+        """Collective: returns once the last save started is complete (its record written)."""
+        self.wait()
+        with control.long_timeout():
+            dist.barrier()  # rank 0's writer commits last
+
+    def record_if_written(self) -> None:
+        """Record a save the writer has finished by now, so its metrics need not wait for the next save."""
+        if self._in_flight is not None and self.engine.checkpoint_engine.idle():
+            self.wait()
+
+    def wait(self) -> None:
+        """Wait for this rank's writer, then record the save it finished (rank 0 commits)."""
+        writer = self.engine.checkpoint_engine
+        writer.wait()
+        if self._in_flight is None:
+            return
+        step, started, blocked = self._in_flight
+        self._in_flight = None
+        if writer.committed_at is not None:
+            self.metrics.log({"step": step, "checkpoint_blocked_s": round(blocked, 3),
+                              "checkpoint_complete_s": round(writer.committed_at - started, 3)})
+
+    def last_good(self) -> str:
+        found = find_resumable(self.root)
+        return f"the last good checkpoint is {found[0]}" if found else "there is no complete checkpoint yet"
