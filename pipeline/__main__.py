@@ -63,9 +63,23 @@ def _run(cfg: DictConfig) -> None:
                                 f"(`python -m pipeline --cfg job` lists every key)")
         config: PipelineConfig = OmegaConf.to_object(cfg)
         install_preemption_handlers(config.launch.preempt_signals)  # before any work that a signal could cut
+        start_console(config)
         # unresolved: local ranks resolve ${oc.env:...} themselves, so no secret lands in their argv
         overrides = OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
         run_pipeline(config, OmegaConf.to_container(cfg, resolve=True), overrides)
+
+
+def start_console(config: PipelineConfig) -> None:
+    """The console keeps the pipeline's own lines; the rest goes to a log file under run_dir
+    (pipeline/console.py). A bad config is refused first, before run_dir exists."""
+    from . import console
+    from .config import validate
+    from .distributed import LaunchInfo
+    from .runner import prepare_run_dir
+
+    validate(config)
+    launch = LaunchInfo.from_env()
+    console.setup(prepare_run_dir(config), launch.rank if launch.under_launcher else None, config.debug)
 
 
 def _unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
@@ -117,6 +131,7 @@ def errors_reported(debug: bool):
         if exc.message:
             sys.stderr.write(f"error: {exc.message}\n")
             sys.stderr.flush()
+            _log_only(f"error: {exc.message}")
         sys.exit(exc.exit_code)
     except Exception as exc:
         if debug:
@@ -126,9 +141,18 @@ def errors_reported(debug: bool):
         # rank 0 alone reports it as the error line. A lost peer is each survivor's own news.
         peer = peer_failure(exc)
         prefix = "error" if peer or rank == 0 or not isinstance(exc, PipelineError) else f"rank {rank}"
-        sys.stderr.write(f"{prefix}: {redact_text(peer or _one_line(exc))}\n")  # e.g. a bad value of ${oc.env:X}
+        line = f"{prefix}: {redact_text(peer or _one_line(exc))}"  # e.g. a bad value of ${oc.env:X}
+        sys.stderr.write(line + "\n")
         sys.stderr.flush()
+        _log_only(line)
         _exit(EXIT_ERROR)
+
+
+def _log_only(line: str) -> None:
+    """The console's error line in this process's log file too (once pipeline/console.py has opened it)."""
+    console = sys.modules.get("pipeline.console")
+    if console is not None:
+        console.to_log_only(line)
 
 
 def _exit(code: int) -> None:

@@ -1,5 +1,6 @@
 """Start `launch.nproc_per_node` local ranks through PyTorch's elastic launcher (torchrun's engine)
-when distributed stages are asked for outside any launcher."""
+when distributed stages are asked for outside any launcher. The ranks get this process's console
+(each points the rest of its output at its own log file, pipeline/console.py)."""
 from __future__ import annotations
 
 import logging
@@ -13,6 +14,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .config import PipelineConfig
+from .console import console_for_local_ranks
 from .control import PREEMPTED_FILE_ENV, Preempted, forwarding_to_local_ranks, parse_signals, preempt_requested
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,7 @@ def run_local_ranks(cfg: PipelineConfig, overrides: list[str], stages: list[str]
         preempted = Path(tmp) / "preempted"  # the ranks write it when they stop for a preemption
         os.environ[PREEMPTED_FILE_ENV] = str(preempted)
         try:
-            with forwarding_to_local_ranks(cfg.launch.preempt_signals):
+            with forwarding_to_local_ranks(cfg.launch.preempt_signals), console_for_local_ranks():
                 elastic_launch(config, sys.executable)("-m", "pipeline", *args)
         except ChildFailedError as exc:
             raise _failure(exc) from None

@@ -1,247 +1,454 @@
-"""Run report: `metrics.jsonl` as PNG charts and a short `report.md`, without a plotting library.
+"""Run report: `metrics.jsonl` as matplotlib charts and a `report.md`, the page to open first after a run.
 
-`python -m pipeline.report run_dir=PATH` (the runner also does it at the end of every run, on rank 0)
-writes `run_dir/report/`: per training stage `<stage>-loss.png` (train loss, and val loss where
-evaluated), `-lr.png`, `-tokens_per_s.png` and `-mfu.png` where MFU is known, and `report.md` with
-the stages, steps, final losses, tokens seen, throughput and where the artifacts are. The charts come
-from a small numpy rasterizer (axes, gridlines at round values with digit labels, polylines) and are
-encoded as PNG with zlib.
+`python -m pipeline.report run_dir=PATH` rebuilds it at any time, also while a run is going (the runner
+writes it at the end of every run, on rank 0; a report that cannot be written is a warning, never a
+failed run). It writes `run_dir/report/`:
+
+- `overview.png`: the charts below side by side, one row per training stage, for a quick look;
+- per training stage `<stage>-loss.png` (train and validation loss, each source's validation loss where
+  one is logged, skipped updates marked), `-lr.png`, `-tokens_per_s.png`, `-mfu.png` where MFU is known
+  and `-checkpoints.png` (how long each save blocked training, and until it was complete). Every chart
+  of a resumed stage marks the step it resumed from;
+- `report.md`: the overview, a table of the stages, each stage's figures and charts, the eval stage's
+  results as a table, and where the artifacts are.
+
+Charts are matplotlib figures drawn headless (Agg). `stage_figure` and `overview_figure` build a Figure,
+`save_png` writes it, so what a chart holds can be checked before it is drawn.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
-import struct
 import sys
 import time
-import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .errors import PipelineError
 from .fsutil import atomic_write_bytes
+from .layout import TRAINING_STAGES, RunLayout
+from .metrics import read_records
 
 log = logging.getLogger(__name__)
 
-WIDTH, HEIGHT = 640, 360
-LEFT, RIGHT, TOP, BOTTOM = 72, 16, 16, 30  # plot margins: room for the tick labels
-COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44))  # first series blue, second orange
-GRID, AXIS, INK = (225, 225, 225), (60, 60, 60), (40, 40, 40)
-# 3×5 glyphs for tick labels, row by row
-GLYPHS = {c: int(bits, 2) for c, bits in {
-    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
-    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001001001",
-    "8": "111101111101111", "9": "111101111001111", ".": "000000000000010", "-": "000000111000000",
-    "+": "000010111010000", "e": "000111111100111"}.items()}
-SCALE = 2  # pixels per glyph dot
+# chart name -> what it shows (titles, report.md)
+CHARTS = {"loss": "loss", "lr": "learning rate", "tokens_per_s": "throughput", "mfu": "model FLOPs utilization",
+          "checkpoints": "checkpoint saves"}
+VAL_SOURCE = "val_loss/"  # per-source validation loss keys: val_loss/<source>
+CHART_SIZE = (8.0, 4.5)  # inches, at DPI
+PANEL_SIZE = (4.6, 3.2)
+DPI = 100
+TRAIN, VAL, SKIP, RESUME = "C0", "C1", "C3", "0.35"  # colours (matplotlib's default cycle: blue, orange, red)
 
 
-def encode_png(pixels: np.ndarray) -> bytes:
-    """8-bit RGB PNG of an (height, width, 3) uint8 array."""
-    height, width, _ = pixels.shape
-    rows = np.concatenate([np.zeros((height, 1), np.uint8), pixels.reshape(height, width * 3)], axis=1)
+# -- metrics ---------------------------------------------------------------------------------------
 
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+@dataclass
+class StageMetrics:
+    """One training stage's records by step; where a step was logged twice (a resumed run), the later
+    record counts."""
+    name: str
+    train: dict[int, dict] = field(default_factory=dict)  # records with `loss` (null where no update applied)
+    val: dict[int, dict] = field(default_factory=dict)  # `val_loss`, `val_loss/<source>`
+    checkpoints: dict[int, dict] = field(default_factory=dict)  # `checkpoint_blocked_s`, `checkpoint_complete_s`
+    skips: dict[int, str] = field(default_factory=dict)  # step -> why its update was skipped
+    resumes: list[tuple[int, str]] = field(default_factory=list)  # (step, checkpoint folder)
+    other: dict[int, dict] = field(default_factory=dict)  # the rest (exact match ...), merged per step
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9)) + chunk(b"IEND", b""))
+    def series(self, records: dict[int, dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values) of the records holding a finite number under `key`, by step."""
+        pairs = sorted((step, float(r[key])) for step, r in records.items() if _number(r.get(key)))
+        return np.array([p[0] for p in pairs], float), np.array([p[1] for p in pairs], float)
 
+    def sources(self) -> list[str]:
+        """The data sources whose validation loss is logged on its own (mixtures)."""
+        return sorted({k[len(VAL_SOURCE):] for r in self.val.values() for k in r if k.startswith(VAL_SOURCE)})
 
-def nice_ticks(lo: float, hi: float, count: int = 5) -> np.ndarray:
-    """Round values (1, 2 or 5 × 10^k apart) spanning [lo, hi]."""
-    raw = (hi - lo) / count
-    magnitude = 10.0 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
-    return np.arange(math.floor(lo / step), math.ceil(hi / step) + 1) * step
+    def step_range(self) -> tuple[int, int] | None:
+        """The first and last step the stage logged anything at: every chart of the stage spans it."""
+        steps = [*self.train, *self.val, *self.checkpoints, *self.skips, *(step for step, _ in self.resumes)]
+        return (min(steps), max(steps)) if steps else None
 
-
-def label(value: float) -> str:
-    if value == int(value) and abs(value) < 1e6:  # steps, and round losses, in full
-        return str(int(value))
-    return f"{value:.3g}"
-
-
-def draw_text(canvas: np.ndarray, text: str, x: int, y: int, color=INK) -> None:
-    """Glyphs with their top-left corner at (x, y); characters without a glyph are left blank."""
-    for char in text:
-        bits = GLYPHS.get(char, 0)
-        for row in range(5):
-            for col in range(3):
-                if bits >> (14 - row * 3 - col) & 1:
-                    canvas[y + row * SCALE:y + (row + 1) * SCALE, x + col * SCALE:x + (col + 1) * SCALE] = color
-        x += 4 * SCALE
+    def tokens_per_step(self) -> float | None:
+        """Tokens per step where every train record agrees on it (the x-axis in tokens), else None."""
+        ratios = {round(r["tokens_seen"] / step, 6) for step, r in self.train.items()
+                  if step > 0 and _number(r.get("tokens_seen"))}
+        return ratios.pop() if len(ratios) == 1 else None
 
 
-def text_width(text: str) -> int:
-    return len(text) * 4 * SCALE - SCALE
+@dataclass
+class RunMetrics:
+    stages: dict[str, StageMetrics]  # training stages, in the order they first appear
+    evals: list[dict]  # records of the eval stage: source, task, metric, value, stderr
 
 
-def draw_polyline(canvas: np.ndarray, xs: np.ndarray, ys: np.ndarray, color, markers: bool) -> None:
-    """Pixel coordinates; 2-pixel lines, with 5×5 squares on the points where `markers`."""
-    pts_x, pts_y = [xs[:1]], [ys[:1]]
-    for x0, y0, x1, y1 in zip(xs[:-1], ys[:-1], xs[1:], ys[1:]):
-        n = int(max(abs(x1 - x0), abs(y1 - y0))) + 2
-        pts_x.append(np.linspace(x0, x1, n))
-        pts_y.append(np.linspace(y0, y1, n))
-    px, py = np.rint(np.concatenate(pts_x)).astype(int), np.rint(np.concatenate(pts_y)).astype(int)
-    for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
-        canvas[np.clip(py + dy, 0, HEIGHT - 1), np.clip(px + dx, 0, WIDTH - 1)] = color
-    if markers:
-        for x, y in zip(np.rint(xs).astype(int), np.rint(ys).astype(int)):
-            canvas[max(y - 2, 0):y + 3, max(x - 2, 0):x + 3] = color
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def render_chart(series: list[tuple[np.ndarray, np.ndarray]], markers: list[bool]) -> np.ndarray:
-    """One chart: gridlines and labels at round values, axes, one polyline per (x, y) series."""
-    canvas = np.full((HEIGHT, WIDTH, 3), 255, np.uint8)
-    x_all = np.concatenate([s[0] for s in series]).astype(float)
-    y_all = np.concatenate([s[1] for s in series]).astype(float)
-    x_lo, x_hi = float(x_all.min()), float(x_all.max())
-    y_lo, y_hi = float(y_all.min()), float(y_all.max())
-    if x_hi == x_lo:
-        x_lo, x_hi = x_lo - 1, x_hi + 1
-    if y_hi == y_lo:
-        pad = abs(y_lo) * 0.1 or 1.0
-        y_lo, y_hi = y_lo - pad, y_hi + pad
-    y_ticks = nice_ticks(y_lo, y_hi)
-    y_lo, y_hi = float(y_ticks[0]), float(y_ticks[-1])  # the axis ends on gridlines
-    x_ticks = [t for t in nice_ticks(x_lo, x_hi, 6) if x_lo <= t <= x_hi]
-    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
-
-    def to_px(x, y):
-        return (LEFT + (np.asarray(x, float) - x_lo) / (x_hi - x_lo) * plot_w,
-                TOP + (y_hi - np.asarray(y, float)) / (y_hi - y_lo) * plot_h)
-
-    for tick in y_ticks:
-        _, py = to_px(x_lo, tick)
-        row = int(round(float(py)))
-        canvas[row, LEFT:WIDTH - RIGHT] = GRID
-        text = label(tick)
-        draw_text(canvas, text, LEFT - 6 - text_width(text), min(max(row - 5, 0), HEIGHT - 10))
-    for tick in x_ticks:
-        px, _ = to_px(tick, y_lo)
-        col = int(round(float(px)))
-        canvas[TOP:HEIGHT - BOTTOM, col] = GRID
-        text = label(tick)
-        draw_text(canvas, text, min(max(col - text_width(text) // 2, 0), WIDTH - text_width(text)), HEIGHT - BOTTOM + 8)
-    canvas[TOP:HEIGHT - BOTTOM + 1, LEFT - 1:LEFT + 1] = AXIS
-    canvas[HEIGHT - BOTTOM:HEIGHT - BOTTOM + 2, LEFT - 1:WIDTH - RIGHT] = AXIS
-    for (xs, ys), color, marked in zip(series, COLORS, markers):
-        px, py = to_px(xs, ys)
-        draw_polyline(canvas, px, py, color, marked)
-    return canvas
-
-
-def read_metrics(path: Path) -> dict[str, dict[str, dict[int, dict]]]:
-    """stage -> {"train": step -> record, "eval": ..., "other": ...}; the later record of a step counts.
-    A line cut short by a crash is skipped."""
-    stages: dict[str, dict[str, dict[int, dict]]] = {}
-    if not path.is_file():
-        return stages
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-            step = int(record["step"])
-        except (ValueError, KeyError, TypeError):
+def load_metrics(path: Path) -> RunMetrics:
+    """metrics.jsonl, read with metrics.read_records (a line cut short by a crash is skipped)."""
+    stages: dict[str, StageMetrics] = {}
+    evals: list[dict] = []
+    for record in read_records(path):
+        stage = str(record.get("stage", "?"))
+        if stage == "eval" and "metric" in record:
+            evals.append(record)
             continue
-        kind = "train" if record.get("loss") is not None else "eval" if record.get("val_loss") is not None else "other"
-        kinds = stages.setdefault(str(record.get("stage", "?")), {"train": {}, "eval": {}, "other": {}})
-        if kind == "other":  # several at one step (a checkpoint, an exact match): one merged record
-            kinds[kind].setdefault(step, {}).update(record)
+        try:
+            step = int(record["step"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        metrics = stages.setdefault(stage, StageMetrics(stage))
+        if "resumed_from" in record:
+            metrics.resumes.append((step, str(record["resumed_from"])))
+        elif "skipped_update" in record:
+            metrics.skips[step] = str(record["skipped_update"])
+        elif "loss" in record:
+            metrics.train[step] = record
+        elif "val_loss" in record or any(k.startswith(VAL_SOURCE) for k in record):
+            metrics.val[step] = record
+        elif "checkpoint_blocked_s" in record:
+            metrics.checkpoints[step] = record
         else:
-            kinds[kind][step] = record
-    return stages
+            metrics.other.setdefault(step, {}).update(record)
+    return RunMetrics(stages=stages, evals=evals)
 
 
-def column(records: dict[int, dict], key: str) -> tuple[np.ndarray, np.ndarray]:
-    pairs = sorted((step, r[key]) for step, r in records.items() if isinstance(r.get(key), (int, float)))
-    return np.array([p[0] for p in pairs], float), np.array([p[1] for p in pairs], float)
+# -- charts ----------------------------------------------------------------------------------------
+
+def _short(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
-CHARTS = (("loss", "loss: train (blue), validation (orange)"), ("lr", "learning rate"),
-          ("tokens_per_s", "throughput, tokens/s"), ("mfu", "model FLOPs utilization"))
+def _text(value: str) -> str:
+    """Literal text for matplotlib (a `$` would start math)."""
+    return str(value).replace("$", r"\$")
 
 
-def stage_section(stage: str, kinds: dict, out: Path) -> list[str]:
-    """Write the stage's charts; return its report.md lines."""
-    train, evals = kinds["train"], kinds["eval"]
-    lines = [f"## {stage}", ""]
+def has_data(kind: str, stage: StageMetrics) -> bool:
+    """Whether the stage logged anything for the `kind` chart."""
+    if kind == "loss":
+        keys = [(stage.train, "loss"), (stage.val, "val_loss")] + [(stage.val, VAL_SOURCE + s) for s in stage.sources()]
+    elif kind == "checkpoints":
+        keys = [(stage.checkpoints, "checkpoint_blocked_s")]
+    else:
+        keys = [(stage.train, kind)]
+    return any(len(stage.series(records, key)[0]) for records, key in keys)
+
+
+def _draw_loss(ax, stage: StageMetrics) -> None:
+    steps, loss = stage.series(stage.train, "loss")
+    val_steps, val = stage.series(stage.val, "val_loss")
+    if len(steps):
+        ax.plot(steps, loss, color=TRAIN, linewidth=1.6, label="train")
+    if len(val_steps):
+        ax.plot(val_steps, val, color=VAL, linewidth=1.6, marker="o", markersize=4, label="validation")
+    for index, source in enumerate(stage.sources()):
+        xs, ys = stage.series(stage.val, VAL_SOURCE + source)
+        ax.plot(xs, ys, color=f"C{4 + index % 6}", linewidth=1.2, linestyle="--", marker=".",
+                label=_text(f"validation: {source}"))
+    if stage.skips:  # a line across the plot at each: the loss of a skipped step may be missing (non-finite)
+        skipped = sorted(stage.skips)
+        ax.vlines(skipped, 0, 1, transform=ax.get_xaxis_transform(), color=SKIP, linewidth=1.2, alpha=0.7,
+                  label=f"skipped update ({len(skipped)})")
+    ax.set_ylabel("loss (nats per token)")
+
+
+def _draw_line(key: str, label: str, ylabel: str, scale: float = 1.0):
+    def draw(ax, stage: StageMetrics) -> None:
+        steps, values = stage.series(stage.train, key)
+        ax.plot(steps, values * scale, color=TRAIN, linewidth=1.6, label=label)
+        if key != "lr":
+            median = float(np.median(values * scale))
+            ax.axhline(median, color=TRAIN, linewidth=1, linestyle="--", alpha=0.6, label=f"median {_short(median)}")
+        ax.set_ylabel(ylabel)
+    return draw
+
+
+def _draw_checkpoints(ax, stage: StageMetrics) -> None:
+    steps, blocked = stage.series(stage.checkpoints, "checkpoint_blocked_s")
+    ax.plot(steps, blocked, color=TRAIN, marker="o", linewidth=1.4, label="training blocked")
+    done_steps, complete = stage.series(stage.checkpoints, "checkpoint_complete_s")
+    if len(done_steps):
+        ax.plot(done_steps, complete, color=VAL, marker="s", linewidth=1.2, linestyle="--",
+                label="until complete.json")
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("seconds")
+
+
+DRAW = {"loss": _draw_loss,
+        "lr": _draw_line("lr", "learning rate", "learning rate"),
+        "tokens_per_s": _draw_line("tokens_per_s", "tokens/s, all ranks", "tokens/s"),
+        "mfu": _draw_line("mfu", "MFU", "MFU (%)", scale=100.0),
+        "checkpoints": _draw_checkpoints}
+
+
+def _mark_resumes(ax, stage: StageMetrics) -> None:
+    steps = sorted({step for step, _ in stage.resumes})
+    for index, step in enumerate(steps):
+        label = (f"resumed at step {step}" if len(steps) == 1 else f"resumed ({len(steps)}×)") if index == 0 \
+            else "_nolegend_"
+        ax.axvline(step, color=RESUME, linestyle=":", linewidth=1.6, label=label)
+
+
+def draw_chart(ax, kind: str, stage: StageMetrics, title: str, tokens_axis: bool) -> bool:
+    """One chart on `ax`; False (and nothing drawn) when the stage logged nothing for it."""
+    from matplotlib.ticker import EngFormatter, MaxNLocator
+
+    if not has_data(kind, stage):
+        return False
+    DRAW[kind](ax, stage)
+    _mark_resumes(ax, stage)
+    ax.set_title(_text(title))
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    first, last = stage.step_range()
+    if last > first:
+        margin = (last - first) * 0.02
+        ax.set_xlim(first - margin, last + margin)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    per_step = stage.tokens_per_step()
+    if tokens_axis and per_step:
+        top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda t: t / per_step))
+        top.set_xlabel("tokens seen")
+        top.xaxis.set_major_formatter(EngFormatter())
+    return True
+
+
+def _figure(size: tuple[float, float]):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=size, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)  # headless: no display, no pyplot state
+    return figure
+
+
+def stage_figure(kind: str, stage: StageMetrics, run_name: str):
+    """The `kind` chart (a key of CHARTS) of one stage as a Figure, or None when there is nothing to draw."""
+    if not has_data(kind, stage):
+        return None
+    figure = _figure(CHART_SIZE)
+    draw_chart(figure.add_subplot(), kind, stage, f"{run_name} · {stage.name}: {CHARTS[kind]}", True)
+    return figure
+
+
+def overview_figure(run: RunMetrics, run_name: str):
+    """Every chart of every training stage as panels (a row per stage), or None when nothing was logged."""
+    drawable = {name: [k for k in CHARTS if has_data(k, stage)] for name, stage in run.stages.items()}
+    rows = [name for name, kinds in drawable.items() if kinds]
+    columns = [k for k in CHARTS if any(k in drawable[name] for name in rows)]
+    if not rows:
+        return None
+    figure = _figure((PANEL_SIZE[0] * len(columns), PANEL_SIZE[1] * len(rows) + 0.4))
+    axes = figure.subplots(len(rows), len(columns), squeeze=False)
+    for row, name in zip(axes, rows):
+        for ax, kind in zip(row, columns):
+            if not draw_chart(ax, kind, run.stages[name], f"{name}: {CHARTS[kind]}", False):
+                ax.set_axis_off()
+                ax.text(0.5, 0.5, f"{name}: no {CHARTS[kind]} logged", ha="center", va="center",
+                        transform=ax.transAxes, color="0.5")
+    figure.suptitle(_text(f"{run_name}: run overview"), fontsize="x-large")
+    return figure
+
+
+def save_png(figure, path: Path) -> None:
+    """The figure as a PNG (written atomically: a reader never sees half a chart)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+# -- report.md -------------------------------------------------------------------------------------
+
+def _final_val(stage: StageMetrics) -> tuple[int, float, int, float] | None:
+    """(step, final val loss, best step, best val loss)."""
+    steps, values = stage.series(stage.val, "val_loss")
+    if not len(steps):
+        return None
+    best = int(values.argmin())
+    return int(steps[-1]), float(values[-1]), int(steps[best]), float(values[best])
+
+
+def _final_train(stage: StageMetrics) -> tuple[int, float] | None:
+    steps, values = stage.series(stage.train, "loss")
+    return (int(steps[-1]), float(values[-1])) if len(steps) else None
+
+
+def stage_lines(stage: StageMetrics, charts: list[str]) -> list[str]:
+    """The stage's report.md section; `charts` are the chart files written for it."""
+    lines = [f"## {stage.name}", ""]
+    train = stage.train
     if train:
-        last = train[max(train)]
-        lines.append(f"- steps logged: {min(train)} to {max(train)} ({len(train)} records); final train loss "
-                     f"{last['loss']:.4f} at step {max(train)}")
-        if last.get("tokens_seen") is not None:
-            lines.append(f"- tokens seen: {last['tokens_seen']:,}")
-    if evals:
-        steps, values = column(evals, "val_loss")
-        lines.append(f"- final val loss {values[-1]:.4f} at step {int(steps[-1])}; best {values.min():.4f} "
-                     f"at step {int(steps[values.argmin()])}")
+        final = _final_train(stage)
+        lines.append(f"- steps logged: {min(train)} to {max(train)} ({len(train)} records)"
+                     + (f"; final train loss {final[1]:.4f} at step {final[0]}" if final else ""))
+        seen = [r["tokens_seen"] for _, r in sorted(train.items()) if _number(r.get("tokens_seen"))]
+        if seen:
+            lines.append(f"- tokens seen: {int(seen[-1]):,}")
+    val = _final_val(stage)
+    if val:
+        lines.append(f"- final val loss {val[1]:.4f} at step {val[0]}; best {val[3]:.4f} at step {val[2]}")
+    for source in stage.sources():
+        steps, values = stage.series(stage.val, VAL_SOURCE + source)
+        if len(steps):
+            lines.append(f"- final val loss of {source}: {values[-1]:.4f} at step {int(steps[-1])}; best "
+                         f"{values.min():.4f}")
     for key, what in (("tokens_per_s", "tokens/s"), ("mfu", "MFU")):
-        _, values = column(train, key)
+        _, values = stage.series(train, key)
         if len(values):
             lines.append(f"- {what}: median {np.median(values):.4g}, last {values[-1]:.4g}")
-    _, blocked = column(kinds["other"], "checkpoint_blocked_s")
-    _, complete = column(kinds["other"], "checkpoint_complete_s")
+    _, blocked = stage.series(stage.checkpoints, "checkpoint_blocked_s")
+    _, complete = stage.series(stage.checkpoints, "checkpoint_complete_s")
     if len(blocked):
         lines.append(f"- checkpoint saves: {len(blocked)}; training blocked median {np.median(blocked):.3g} s (max "
-                     f"{blocked.max():.3g} s); complete after median {np.median(complete):.3g} s")
-    matches = sorted((r for r in kinds["other"].values() if r.get("exact_match") is not None), key=lambda r: r["step"])
+                     f"{blocked.max():.3g} s)" + (f"; complete after median {np.median(complete):.3g} s"
+                                                  if len(complete) else ""))
+    for step, folder in stage.resumes:
+        lines.append(f"- resumed at step {step} from `{folder}`")
+    if stage.skips:
+        reasons: dict[str, int] = {}
+        for reason in stage.skips.values():
+            kind = reason.split(" (")[0]  # "loss spike (1.2e+03 > ...)" -> "loss spike"
+            reasons[kind] = reasons.get(kind, 0) + 1
+        lines.append(f"- skipped updates: {len(stage.skips)}, at steps {', '.join(map(str, sorted(stage.skips)))} ("
+                     + ", ".join(f"{kind} ×{n}" for kind, n in reasons.items()) + ")")
+    matches = sorted((r for r in stage.other.values() if r.get("exact_match") is not None), key=lambda r: r["step"])
     for r in matches:
         lines.append(f"- exact match ({r.get('exact_match_when', 'step ' + str(r['step']))}): {r['exact_match']:.3f} "
                      f"({r.get('exact_match_correct')}/{r.get('exact_match_total')})")
-    for key, title in CHARTS:
-        series = [column(train, key)] + ([column(evals, "val_loss")] if key == "loss" else [])
-        series = [s for s in series if len(s[0])]
-        if not series:
-            continue
-        name = f"{stage}-{key}.png"
-        atomic_write_bytes(out / name, encode_png(render_chart(series, [len(s[0]) < 30 for s in series])))
-        ys = np.concatenate([s[1] for s in series])
-        lines.append(f"\n![{stage} {key}]({name})\n\n{title} against step (x: step {int(series[0][0].min())} to "
-                     f"{int(max(s[0].max() for s in series))}; y: {ys.min():.4g} to {ys.max():.4g})")
+    for name in charts:
+        kind = name[len(stage.name) + 1:-len(".png")]
+        lines += ["", f"![{stage.name} {kind}]({name})"]
     return lines + [""]
 
 
-def artifacts(run_dir: Path) -> list[str]:
+def eval_lines(evals: list[dict]) -> list[str]:
+    """The eval stage's results: a row per task and metric, a column per source (the model evaluated);
+    the newest record of each counts."""
+    if not evals:
+        return []
+    results: dict[tuple[str, str], dict[str, dict]] = {}
+    sources: list[str] = []
+    for r in evals:
+        source = str(r.get("source", ""))
+        if source not in sources:
+            sources.append(source)
+        results.setdefault((str(r.get("task", "")), str(r["metric"])), {})[source] = r
+
+    def cell(r: dict | None) -> str:
+        if r is None or not _number(r.get("value")):
+            return "–"
+        return f"{r['value']:.4g}" + (f" ± {r['stderr']:.2g}" if _number(r.get("stderr")) else "")
+
+    lines = ["## eval", "", "| task | metric | " + " | ".join(s or "(model)" for s in sources) + " |",
+             "| --- | --- |" + " --- |" * len(sources)]
+    for (task, metric), by_source in sorted(results.items()):
+        lines.append(f"| {task} | {metric} | " + " | ".join(cell(by_source.get(s)) for s in sources) + " |")
+    return lines + ["", "± is the standard error the eval stage reports.", ""]
+
+
+STAGE_ORDER = ("tokenize", "shard", "pretrain", "finetune", "eval", "export")
+
+
+def _stage_order(name: str) -> tuple[int, str]:
+    """The order stages run in; others (shard parts) after the stage they belong to."""
+    base = name.split("-")[0]
+    return (STAGE_ORDER.index(base) if base in STAGE_ORDER else len(STAGE_ORDER), name)
+
+
+def summary_lines(layout: RunLayout, run: RunMetrics) -> list[str]:
+    """A row per stage record (stages/*.json) and per training stage that has metrics but no record yet."""
+    seconds: dict[str, object] = {}
+    for path in sorted(layout.records.glob("*.json")):
+        try:
+            seconds[path.stem] = json.loads(path.read_text()).get("seconds")
+        except (OSError, ValueError):
+            seconds[path.stem] = "unreadable"
+    names = sorted(list(seconds) + [name for name in run.stages if name not in seconds], key=_stage_order)
+    if not names:
+        return []
+    lines = ["| stage | seconds | steps | final train loss | final val loss (best) | tokens seen |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name in names:
+        stage = run.stages.get(name)
+        cells = ["", "", "", ""]
+        if stage is not None and stage.train:
+            final, val = _final_train(stage), _final_val(stage)
+            seen = [r["tokens_seen"] for _, r in sorted(stage.train.items()) if _number(r.get("tokens_seen"))]
+            cells = [str(max(stage.train)), f"{final[1]:.4f}" if final else "",
+                     f"{val[1]:.4f} ({val[3]:.4f})" if val else "", f"{int(seen[-1]):,}" if seen else ""]
+        shown = seconds.get(name, "running or stopped")
+        lines.append(f"| {name} | {shown} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def artifacts(layout: RunLayout) -> list[str]:
     """Where the run's outputs are, those that exist."""
-    found = [("tokenizer", run_dir / "tokenizer" / "tokenizer.model"), ("shards", run_dir / "shards" / "manifest.json")]
-    for stage in ("pretrain", "finetune"):
-        latest = run_dir / stage / "checkpoints" / "latest"
+    found = [("tokenizer", layout.tokenizer), ("shards", layout.manifest)]
+    for stage in TRAINING_STAGES:
+        latest = layout.checkpoints(stage) / "latest"
         name = latest.read_text().strip() if latest.is_file() else None
-        found.append((f"{stage} checkpoints", run_dir / stage / "checkpoints" / (name or "")))
-    found += [(f"export ({source})", run_dir / "export" / source) for source in ("pretrain", "finetune")]
-    found += [("metrics", run_dir / "metrics.jsonl"), ("resolved config", run_dir / "config.yaml"),
-              ("stage records", run_dir / "stages")]
+        found.append((f"{stage} checkpoints", layout.checkpoints(stage) / (name or "")))
+    found += [(f"export ({source})", layout.export(source)) for source in TRAINING_STAGES]
+    found += [("metrics", layout.metrics), ("resolved config", layout.config), ("stage records", layout.records),
+              ("logs (what the console left out)", layout.logs)]
     return [f"- {what}: `{path}`" for what, path in found if path.exists()]
 
 
+# -- the report ------------------------------------------------------------------------------------
+
 def write_report(run_dir: Path) -> Path:
     """Charts and report.md under run_dir/report/; returns report.md's path."""
-    run_dir = Path(run_dir).resolve()
-    if not run_dir.is_dir():
-        raise PipelineError(f"run_dir={run_dir} does not exist: give the run_dir of an earlier run")
-    out = run_dir / "report"
+    layout = RunLayout.of(run_dir)
+    if not layout.run_dir.is_dir():
+        raise PipelineError(f"run_dir={layout.run_dir} does not exist: give the run_dir of an earlier run")
+    out = layout.report
     out.mkdir(exist_ok=True)
-    lines = [f"# Run report: {run_dir.name}", "", f"`{run_dir}`, written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.", ""]
-    records = sorted(run_dir.glob("stages/*.json"))
-    if records:
-        lines += ["| stage record | seconds |", "| --- | --- |"]
-        for path in records:
-            try:
-                seconds = json.loads(path.read_text()).get("seconds")
-            except ValueError:
-                seconds = "unreadable"
-            lines.append(f"| {path.stem} | {seconds} |")
-        lines.append("")
-    stages = read_metrics(run_dir / "metrics.jsonl")
-    for stage, kinds in stages.items():
-        lines += stage_section(stage, kinds, out)
-    if not stages:
+    name = layout.run_dir.name
+    run = load_metrics(layout.metrics)
+    try:
+        import matplotlib  # noqa: F401 (a dependency; an older environment may lack it)
+        charts_missing = None
+    except ImportError as exc:  # an environment installed before it was a dependency
+        charts_missing = f"charts not drawn: {exc} (`pip install matplotlib`)"
+        log.warning("report: %s", charts_missing)
+    written: dict[str, list[str]] = {stage: [] for stage in run.stages}
+    has_overview = False
+    if charts_missing is None:
+        for stage in run.stages.values():
+            for kind in CHARTS:
+                figure = stage_figure(kind, stage, name)
+                if figure is not None:
+                    save_png(figure, out / f"{stage.name}-{kind}.png")
+                    written[stage.name].append(f"{stage.name}-{kind}.png")
+        overview = overview_figure(run, name)
+        if overview is not None:
+            save_png(overview, out / "overview.png")
+            has_overview = True
+    kept = {chart for charts in written.values() for chart in charts} | ({"overview.png"} if has_overview else set())
+    for old in out.glob("*.png"):  # charts of an earlier report that this one has no data for
+        if old.name not in kept:
+            old.unlink(missing_ok=True)
+    lines = [f"# Run report: {name}", "", f"`{layout.run_dir}`, written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; "
+             f"rebuild it at any time with `python -m pipeline.report run_dir={layout.run_dir}`.", ""]
+    if charts_missing:
+        lines += [f"({charts_missing})", ""]
+    if has_overview:
+        lines += ["![overview](overview.png)", ""]
+    lines += summary_lines(layout, run)
+    for stage in run.stages.values():
+        lines += stage_lines(stage, written[stage.name])
+    if not run.stages:
         lines += ["No training metrics yet (metrics.jsonl is written by pretrain and finetune).", ""]
-    lines += ["## Artifacts", "", *artifacts(run_dir), ""]
+    lines += eval_lines(run.evals)
+    lines += ["## Artifacts", "", *artifacts(layout), ""]
     report = out / "report.md"
     atomic_write_bytes(report, "\n".join(lines).encode())
     return report
@@ -256,7 +463,7 @@ def report_at_end(run_dir: Path) -> None:
         log.warning("report: not written (%s: %s); run `python -m pipeline.report run_dir=%s` to retry",
                     type(exc).__name__, exc, run_dir)
         where = None
-    log.info("run finished: artifacts in %s, metrics in %s, report in %s", run_dir, Path(run_dir) / "metrics.jsonl",
+    log.info("run finished: artifacts in %s, metrics in %s, report in %s", run_dir, RunLayout.of(run_dir).metrics,
              where or "(not written)")
 
 

@@ -1,24 +1,21 @@
 """Launch scripts for real, on one machine: two torchrun "nodes", the deepspeed launcher with a hostfile,
-the SLURM batch job (srun and scontrol stood in for by tests/fake_slurm), the shard job array; and the
-run report (charts and report.md from metrics.jsonl)."""
+the SLURM batch job (srun and scontrol stood in for by tests/fake_slurm), the shard job array. (The run
+report's tests are in test_report.py.)"""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, SMALL_RUN, error_lines, run_cli, write_jsonl
+from conftest import ROOT, SMALL_RUN, error_lines, run_cli
 from pipeline.local_launch import _failure, free_port
 from test_pretrain import TINY, fresh_run, kill_tree, records
 from test_shard import split_documents
@@ -164,85 +161,6 @@ def test_shard_array_parts_and_merge_equal_a_single_process_run(tmp_path, small_
         assert sorted(map(tuple, merged_docs[split])) == sorted(map(tuple, single_docs[split]))
 
 
-# -- report -----------------------------------------------------------------------------------------
-
-def decode_png(path: Path) -> np.ndarray:
-    """The (height, width, 3) pixels of an 8-bit RGB PNG whose rows use filter 0, checking every CRC."""
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, []
-    while pos < len(data):
-        (length,), tag = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
-        body = data[pos + 8:pos + 8 + length]
-        assert struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])[0] == zlib.crc32(tag + body)
-        chunks.append((tag, body))
-        pos += 12 + length
-    assert chunks[0][0] == b"IHDR" and chunks[-1][0] == b"IEND"
-    width, height, depth, color, _, _, _ = struct.unpack(">IIBBBBB", chunks[0][1])
-    assert (depth, color) == (8, 2)
-    rows = np.frombuffer(zlib.decompress(b"".join(b for t, b in chunks if t == b"IDAT")), np.uint8)
-    rows = rows.reshape(height, 1 + width * 3)
-    assert not rows[:, 0].any()
-    return rows[:, 1:].reshape(height, width, 3)
-
-
-def test_report_charts_decode_and_report_md_has_the_final_losses(tmp_path):
-    from pipeline.report import COLORS, HEIGHT, WIDTH
-
-    lines = [{"stage": "pretrain", "step": s, "loss": 5.0 - 3.0 * s / 50, "lr": 1e-3 * min(1, s / 10),
-              "tokens_per_s": 1000.0 + s, "mfu": None, "tokens_seen": 512 * s} for s in range(1, 51)]
-    lines += [{"stage": "pretrain", "step": s, "val_loss": 5.1 - 3.0 * s / 50} for s in range(10, 51, 10)]
-    lines += [{"stage": "pretrain", "step": 50, "loss": 1.9, "lr": 1e-3, "tokens_per_s": 1050.0,
-               "tokens_seen": 25600}]  # a resumed run logs step 50 again: this record counts
-    lines += [{"stage": "finetune", "step": s, "loss": 1.0 / s, "lr": 1e-4, "tokens_per_s": 900.0, "mfu": 0.3}
-              for s in (1, 2, 3)]
-    lines += [{"stage": "pretrain", "step": s, "checkpoint_blocked_s": b, "checkpoint_complete_s": 3 * b}
-              for s, b in ((20, 0.5), (40, 0.25), (50, 0.75))]
-    lines += [{"stage": "finetune", "step": 3, "exact_match": 0.75, "exact_match_correct": 3,
-               "exact_match_total": 4, "exact_match_when": "after"},
-              {"stage": "finetune", "step": 3, "checkpoint_blocked_s": 0.1, "checkpoint_complete_s": 0.2}]
-    path = write_jsonl(tmp_path / "metrics.jsonl", lines)
-    with open(path, "a") as f:
-        f.write('{"stage": "pretrain", "st')  # cut short by a crash
-    proc = subprocess.run([sys.executable, "-m", "pipeline.report", f"run_dir={tmp_path}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    out = tmp_path / "report"
-    assert sorted(p.name for p in out.glob("*.png")) == [
-        "finetune-loss.png", "finetune-lr.png", "finetune-mfu.png", "finetune-tokens_per_s.png",
-        "pretrain-loss.png", "pretrain-lr.png", "pretrain-tokens_per_s.png"]  # no MFU known for pretrain
-    pixels = decode_png(out / "pretrain-loss.png")
-    assert pixels.shape == (HEIGHT, WIDTH, 3)
-    for color in COLORS[:2]:  # train loss, val loss
-        rows, cols = np.nonzero((pixels == color).all(axis=2))
-        assert len(rows) > 100, color
-        assert cols.max() - cols.min() > WIDTH // 2  # the series spans the steps
-        left, right = rows[cols < cols.min() + 40].mean(), rows[cols > cols.max() - 40].mean()
-        assert right > left + 50  # the loss falls: lower on the chart (larger row) to the right
-    assert (pixels < 100).all(axis=2).sum() > 500  # axes and tick labels
-    report = (out / "report.md").read_text()
-    assert "final train loss 1.9000 at step 50" in report and "final val loss 2.1000 at step 50" in report
-    assert "tokens seen: 25,600" in report and "exact match (after): 0.750 (3/4)" in report
-    assert "checkpoint saves: 3; training blocked median 0.5 s (max 0.75 s); complete after median 1.5 s" in report
-    assert "![pretrain loss](pretrain-loss.png)" in report and f"`{path}`" in report
-    proc = subprocess.run([sys.executable, "-m", "pipeline.report", f"run_dir={tmp_path / 'none'}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and len(error_lines(proc)) == 1 and "does not exist" in proc.stderr
-
-
-def test_a_report_that_cannot_be_written_is_only_a_warning(tmp_path, caplog):
-    from pipeline.report import report_at_end
-
-    caplog.set_level(logging.INFO)
-    (tmp_path / "report").write_text("a file where the report folder goes")
-    report_at_end(tmp_path)
-    assert any(r.levelname == "WARNING" and "report: not written" in r.message for r in caplog.records)
-    assert any("run finished: artifacts in" in r.message for r in caplog.records)
-    proc = subprocess.run([sys.executable, "-m", "pipeline.report", f"run_dir={tmp_path}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and len(error_lines(proc)) == 1 and "cannot write the report" in proc.stderr
-
-
 # -- multi-process launches -------------------------------------------------------------------------
 
 def curve(run_dir: Path) -> dict[int, float]:
@@ -316,7 +234,8 @@ def test_slurm_job_on_two_nodes_is_preempted_requeued_and_resumes(tmp_path, smal
         job = subprocess.Popen(["bash", *args], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
         while job.poll() is None and time.monotonic() < deadline:  # both ranks are up, rank 0 tokenizes
-            text = log.read_text()
+            rank1 = run_dir / "logs" / "rank1.log"  # (only rank 0 speaks on the console)
+            text = log.read_text() + (rank1.read_text() if rank1.is_file() else "")
             if "tokenize: running" in text and "tokenize: waiting" in text:
                 break
             time.sleep(0.05)
