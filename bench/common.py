@@ -19,7 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "RESULTS.md"
+# BENCH_RESULTS: another file for the rows (bench/gpu_suite.sh puts them in its output folder as they come).
+RESULTS = Path(os.environ.get("BENCH_RESULTS") or ROOT / "bench" / "RESULTS.md")
 HEADER = ("# Benchmark results\n\nRows are appended by the bench scripts (`bench/*.py`): "
           "date, hardware, the exact command, and its figures.\n\n"
           "| date | hardware | command | figures |\n| --- | --- | --- | --- |\n")

@@ -14,8 +14,8 @@ trust), process CPU time per step on CPU, and the final loss of both sides as a 
 trained the same model the same way.
 
 What each side does, so the comparison is like for like:
-  DeepSpeed  deepspeed.initialize(model, build_optimizer(...), deepspeed_config(...)) on a world of one
-             (gloo on CPU, nccl on GPU), engine(x, y) / engine.backward(loss) / engine.step().
+  DeepSpeed  pipeline.engine.initialize_engine(model, build_optimizer(...), deepspeed_config(...)) on a
+             world of one (gloo on CPU, nccl on GPU), engine(x, y) / engine.backward(loss) / engine.step().
   plain      the same Transformer, torch AdamW over `pipeline.engine.param_groups` (fused=True on CUDA;
              DeepSpeed gets FusedAdam there from build_optimizer), clip_grad_norm_ to train.grad_clip,
              torch's own F.linear (a ZeRO 3 engine swaps in its zero3_linear_wrap process-wide; here
@@ -29,8 +29,9 @@ What each side does, so the comparison is like for like:
              --plain-bf16 autocast instead keeps fp32 weights and runs the forward under torch.autocast
              (a different numerical scheme, and on CPU a slower one: shown for reference only).
 
-Prints a table and appends one dated row per variant to bench/RESULTS.md (with the
-load average: other work on the machine is the noise). --json PATH keeps every step's times.
+Prints a table and appends one dated row per variant to bench/RESULTS.md (with the load average:
+other work on the machine is the noise), each pair's rows as soon as the pair finishes. --json PATH
+keeps every step's times.
 --profile N runs cProfile over N more steps of each pair: own time by source (DeepSpeed's Python, the
 model's, torch ops) for both sides, and the engine's top functions.
 """
@@ -62,9 +63,10 @@ from omegaconf import OmegaConf  # noqa: E402
 from bench.common import hardware, print_table, quiet_logs, record  # noqa: E402
 from pipeline.config import DeepSpeedConfig, LaunchConfig, ModelConfig, PrecisionConfig, TrainConfig  # noqa: E402
 from pipeline.metrics import peak_flops  # noqa: E402
-from pipeline.model import Transformer, flops_per_token, num_params  # noqa: E402
+from pipeline.model import Transformer, compile_blocks, flops_per_token, num_params  # noqa: E402
 from pipeline.batching import BatchLayout  # noqa: E402
-from pipeline.engine import build_optimizer, deepspeed_config, init_distributed, param_groups  # noqa: E402
+from pipeline.engine import (build_optimizer, deepspeed_config, init_distributed, initialize_engine,  # noqa: E402
+                             param_groups)
 
 # Building a ZeRO 3 engine replaces torch.nn.functional.linear process-wide with DeepSpeed's
 # zero3_linear_wrap (zero_optimization.memory_efficient_linear, on by default) and leaves it so.
@@ -156,12 +158,10 @@ class Engine:
 
     def __init__(self, model: Transformer, train: TrainConfig, ds: DeepSpeedConfig, precision: PrecisionConfig,
                  device: torch.device, grad_accum: int):
-        import deepspeed
-
         optimizer = build_optimizer(model, train, ds, device)
         config = deepspeed_config(train, ds, precision, train.micro_batch_size, grad_accum)
         torch.nn.functional.linear = TORCH_LINEAR
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        self.engine = initialize_engine(model, optimizer, config, ds.stage)
         self.linear = torch.nn.functional.linear  # zero3_linear_wrap at ZeRO 3
         torch.nn.functional.linear = TORCH_LINEAR
         self.engine.train()
@@ -240,10 +240,15 @@ def measure_pair(model_cfg: ModelConfig, stage: int, precision: str, args, devic
     grad_accum = BatchLayout.of(train, "train", 1).accumulation
     ds = DeepSpeedConfig(name=f"zero{stage}", stage=stage, extra=args.ds_extra)
     prec = PrecisionConfig(name=precision)
-    torch.manual_seed(args.seed)
-    plain = Plain(Transformer(model_cfg), train, precision, args.plain_bf16, device, grad_accum)
-    torch.manual_seed(args.seed)
-    engine = Engine(Transformer(model_cfg), train, ds, prec, device, grad_accum)
+    def fresh_model() -> Transformer:
+        torch.manual_seed(args.seed)
+        model = Transformer(model_cfg)
+        if model_cfg.compile:  # as pipeline.engine.build_engine does, before wrapping
+            compile_blocks(model)
+        return model
+
+    plain = Plain(fresh_model(), train, precision, args.plain_bf16, device, grad_accum)
+    engine = Engine(fresh_model(), train, ds, prec, device, grad_accum)
     pool = make_batches(max(2, 2 * grad_accum), args.micro_batch, args.seq_len, model_cfg.vocab_size, device, args.seed)
 
     def batches(i):
@@ -357,6 +362,8 @@ def main() -> None:
     parser.add_argument("--grad-accum", type=int, default=1, help="micro batches per optimizer step (default 1)")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per variant (default 20)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    parser.add_argument("--compile", action="store_true",
+                        help="model.compile: torch.compile every block of both sides (the first steps compile)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--ds-extra", type=json.loads, default={}, metavar="JSON",
@@ -381,9 +388,11 @@ def main() -> None:
     print(f"# {hw}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
           f"deepspeed {__import__('deepspeed').__version__}")
 
+    setup = {"seq_len": args.seq_len, "micro batch": args.micro_batch, "grad accum": args.grad_accum,
+             "steps": f"{args.steps} (+{args.warmup} warmup)", "compile": "on" if args.compile else "off"}
     rows, raw = [], []
     for model_name in args.model:
-        model_cfg = load_model_config(model_name, args.vocab)
+        model_cfg = replace(load_model_config(model_name, args.vocab), compile=args.compile)
         if args.seq_len > model_cfg.max_seq_len:
             raise SystemExit(f"--seq-len {args.seq_len} exceeds max_seq_len={model_cfg.max_seq_len} of {model_name}")
         fpt = flops_per_token(model_cfg, args.seq_len)
@@ -392,7 +401,11 @@ def main() -> None:
         for precision in args.precision:
             for stage in args.zero:
                 r = measure_pair(model_cfg, stage, precision, args, device)
-                rows += summarize(r, model_name, n_params, precision, stage, tokens_per_step, fpt, peak, device, args)
+                pair = summarize(r, model_name, n_params, precision, stage, tokens_per_step, fpt, peak, device, args)
+                rows += pair
+                if not args.no_record:  # as each pair finishes: a run cut short still leaves its rows
+                    load = f"{load_start:.2f}→{os.getloadavg()[0]:.2f}"  # other work on the machine: the noise
+                    record(command, [{**setup, **row, "load": load} for row in pair], hw)
                 raw.append({"model": model_name, "precision": precision, "stage": stage, "times": r["times"],
                              "loss": r["loss"], "optimizer": r["optimizer"]})
                 if r["profile"]:
@@ -417,12 +430,6 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"command": command, "hardware": hw, "tokens_per_step": tokens_per_step,
                                          "pairs": raw}, indent=1))
-    if args.no_record:
-        return
-    setup = {"seq_len": args.seq_len, "micro batch": args.micro_batch, "grad accum": args.grad_accum,
-             "steps": f"{args.steps} (+{args.warmup} warmup)"}
-    load = f"{load_start:.2f}→{os.getloadavg()[0]:.2f}"  # other work on the machine: the noise
-    record(command, [{**setup, **row, "load": load} for row in rows], hw)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (the finetune stage masks prompts with it)
+# Positions whose logits the loss holds at once: at vocab 32k one chunk's fp32 logits are 131 MB, where the
+# whole [B * T, vocab] would be 4.2 GB at micro batch 16, seq 2048.
+LOSS_CHUNK_TOKENS = 1024
 
 # scaled_dot_product_attention takes fewer k/v heads than q heads from torch 2.5 on (enable_gqa);
 # older versions get k/v repeated per query head instead.
@@ -120,6 +124,86 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def _chunked_cross_entropy(h, weight, labels, chunk_tokens, grad_h=None, grad_w=None) -> torch.Tensor:
+    """The mean loss of linear_cross_entropy over h [N, dim] and labels [N]; when grad_h ([N, dim]) and
+    grad_w ([vocab, dim], fp32) are given, also the loss's gradients written into them (grad_w added to)."""
+    valid = labels != IGNORE_INDEX
+    count = valid.sum()
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for start in range(0, h.shape[0], chunk_tokens):
+        rows = slice(start, start + chunk_tokens)
+        counted = valid[rows]
+        target = labels[rows].masked_fill(~counted, 0)[:, None]
+        logits = F.linear(h[rows], weight)
+        dtype, logits = logits.dtype, logits.float()
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        total += torch.where(counted, (lse - logits.gather(1, target)).squeeze(1), 0.0).sum()
+        if grad_h is None and grad_w is None:
+            continue
+        # d(mean loss)/d(logits) = (softmax - one_hot(target)) / count on counted rows, 0 on the others;
+        # cast to the logits' dtype as the backward of .float() does.
+        grad = logits.sub_(lse).exp_().scatter_add_(1, target, torch.full_like(target, -1, dtype=logits.dtype))
+        grad = grad.mul_(torch.where(counted, 1.0 / count, 0.0)[:, None]).to(dtype)
+        if grad_h is not None:
+            grad_h[rows] = grad @ weight
+        if grad_w is not None:
+            grad_w += grad.t() @ h[rows]
+    return total / count
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """linear_cross_entropy with gradients: the forward computes them chunk by chunk, while each chunk's
+    logits exist anyway, so that the backward only scales them and nothing is recomputed."""
+
+    @staticmethod
+    def forward(ctx, h, weight, labels, chunk_tokens):
+        needs_h, needs_w = ctx.needs_input_grad[:2]
+        grad_h = torch.empty_like(h) if needs_h else None
+        # fp32 across chunks: one rounding to the weight's dtype at the end, as a single matmul would do.
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_w else None
+        loss = _chunked_cross_entropy(h, weight, labels, chunk_tokens, grad_h, grad_w)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h * grad_loss.to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w = (grad_w * grad_loss).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         chunk_tokens: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
+    """F.cross_entropy(F.linear(h, weight).float(), labels, ignore_index=IGNORE_INDEX) for h [..., dim] and
+    labels [...]: the fp32 mean over positions whose label is not IGNORE_INDEX (NaN if there are none),
+    computed chunk_tokens positions at a time, so that the logits of all positions never exist at once,
+    neither in the forward nor in the backward."""
+    h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(h, weight, labels, chunk_tokens)
+    return _chunked_cross_entropy(h, weight, labels, chunk_tokens)
+
+
+class LMHead(nn.Linear):
+    """The output projection; given labels it returns the loss instead of the logits (linear_cross_entropy).
+    The loss is computed inside this module's forward so that ZeRO 3, which gathers a module's
+    parameters around its forward, has the weight gathered for it."""
+
+    def __init__(self, dim: int, vocab_size: int):
+        super().__init__(dim, vocab_size, bias=False)
+        self.chunk_tokens = LOSS_CHUNK_TOKENS
+
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is None:
+            return super().forward(h)
+        return linear_cross_entropy(h, self.weight, labels, self.chunk_tokens)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -147,7 +231,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = LMHead(cfg.dim, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # Recomputed by init_weights, never saved: they follow from the config.
@@ -184,10 +268,12 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, labels: torch.Tensor | None = None,
                 kv_cache: list[KVCache] | None = None, start_pos: int = 0, segments: torch.Tensor | None = None):
-        """Logits [B, T, vocab] for every position of idx [B, T]; with labels, (logits, loss).
+        """Logits [B, T, vocab] for every position of idx [B, T]; with labels, (None, loss).
 
         labels[b, t] is the token that should follow idx[b, t] (already shifted, nanoGPT style);
-        IGNORE_INDEX positions carry no loss. The loss is the fp32 mean cross-entropy over the rest.
+        IGNORE_INDEX positions carry no loss. The loss is the fp32 mean cross-entropy over the rest,
+        computed a chunk of positions at a time (LMHead): the full logits are never built, so none are
+        returned with it.
         With kv_cache, idx holds positions start_pos .. start_pos + T - 1 and the cache the earlier ones.
         segments [B, T] (packed fine-tuning examples): a position attends only to earlier positions of its
         own segment. Rotary embeddings are relative, so positions need not restart at each segment.
@@ -207,11 +293,9 @@ class Transformer(nn.Module):
                 h = checkpoint(layer, h, cos, sin, None, 0, mask, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, None if kv_cache is None else kv_cache[i], start_pos, mask)
-        logits = self.output(self.norm(h))
         if labels is None:
-            return logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-        return logits, loss
+            return self.output(self.norm(h))
+        return None, self.output(self.norm(h), labels)
 
 
 def compile_blocks(model: Transformer) -> None:

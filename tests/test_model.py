@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -13,7 +14,7 @@ from pipeline.config import ModelConfig
 from pipeline.hf_llama import (from_hf_state_dict, hf_name, model_config_from_hf, our_name, to_hf_config,
                                to_hf_state_dict)
 from pipeline.model import (IGNORE_INDEX, Transformer, exact_matmul_flops_per_token, flops_per_token, generate,
-                            num_params)
+                            linear_cross_entropy, num_params)
 
 MODEL_CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
 VOCAB = 300
@@ -68,8 +69,9 @@ def test_logits_and_loss_match_hf_llama(tied):
     hf = hf_twin(model)
     idx = torch.randint(0, VOCAB, (2, 33), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        logits, loss = model(idx, shifted_labels(idx))
+        logits, (no_logits, loss) = model(idx), model(idx, shifted_labels(idx))
         reference = hf(idx, labels=idx)  # HF shifts labels itself
+    assert no_logits is None  # with labels the full logits are never built
     assert logits.shape == (2, 33, VOCAB)
     assert (logits - reference.logits).abs().max().item() <= 1e-4
     assert abs(loss.item() - reference.loss.item()) <= 1e-5
@@ -267,3 +269,107 @@ def test_tiny_model_overfits_a_batch():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+# -- the chunked loss ----------------------------------------------------------------------------------------
+def full_logits_loss(model: Transformer, idx: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss as the model computed it before chunking: the whole [B, T, vocab] logits, in fp32."""
+    return F.cross_entropy(model(idx).float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def labels_with_ignored(idx: torch.Tensor, seed: int) -> torch.Tensor:
+    drop = torch.rand(idx.shape, generator=torch.Generator().manual_seed(seed)) < 0.3
+    return shifted_labels(idx).masked_fill(drop, IGNORE_INDEX)
+
+
+def loss_and_grads(model: Transformer, loss_of) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = loss_of()
+    (0.37 * loss).backward()  # a grad_output other than 1, as the scaling of gradient accumulation gives
+    return loss.detach().float(), {name: p.grad.float() for name, p in model.named_parameters()}
+
+
+def max_differences(model, idx, labels) -> tuple[float, float, float]:
+    """|loss - full-logits loss|, and the largest gradient difference, absolute and relative to that
+    parameter's largest gradient."""
+    loss, grads = loss_and_grads(model, lambda: model(idx, labels)[1])
+    ref_loss, ref_grads = loss_and_grads(model, lambda: full_logits_loss(model, idx, labels))
+    assert all(g.abs().max() > 0 for g in ref_grads.values())
+    grad_abs = max((grads[k] - g).abs().max().item() for k, g in ref_grads.items())
+    grad_rel = max(((grads[k] - g).abs().max() / g.abs().max()).item() for k, g in ref_grads.items())
+    return (loss - ref_loss).abs().item(), grad_abs, grad_rel
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("chunk", [7, 66, 1024])  # 7 does not divide the 2 × 33 positions; 66 is all of them
+def test_chunked_loss_and_grads_equal_full_logits(tied, chunk):
+    model = build(tiny_config(tie_embeddings=tied)).train()
+    model.output.chunk_tokens = chunk
+    idx = torch.randint(0, VOCAB, (2, 33), generator=torch.Generator().manual_seed(11))
+    labels = labels_with_ignored(idx, seed=12)
+    assert 5 < (labels == IGNORE_INDEX).sum() < labels.numel() - 5
+    loss_diff, grad_abs, grad_rel = max_differences(model, idx, labels)
+    assert loss_diff <= 2e-6 and grad_rel <= 1e-5, (loss_diff, grad_abs, grad_rel)
+
+
+@pytest.mark.parametrize("scheme", ["autocast", "bf16 params"])
+def test_chunked_loss_in_bf16(scheme):
+    """bf16 as pretraining runs it (DeepSpeed's bf16 params, or fp32 params under autocast): the chunked loss
+    casts the logits' gradient to bf16 where the backward of .float() does, so it stays as close."""
+    model = build(tiny_config()).train()
+    model.output.chunk_tokens = 7
+    if scheme == "bf16 params":
+        model = model.to(torch.bfloat16)
+    idx = torch.randint(0, VOCAB, (2, 33), generator=torch.Generator().manual_seed(13))
+    labels = labels_with_ignored(idx, seed=14)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=scheme == "autocast"):
+        loss_diff, grad_abs, grad_rel = max_differences(model, idx, labels)
+    assert loss_diff <= 1e-2 and grad_rel <= 3e-2, (loss_diff, grad_abs, grad_rel)  # a few bf16 ulps
+
+
+def test_chunked_loss_without_grad_and_with_every_label_ignored():
+    model = build(tiny_config()).train()
+    model.output.chunk_tokens = 5
+    idx = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(15))
+    labels = labels_with_ignored(idx, seed=16)
+    with torch.no_grad():
+        loss = model(idx, labels)[1]
+        assert loss.grad_fn is None
+        torch.testing.assert_close(loss, full_logits_loss(model, idx, labels), rtol=1e-6, atol=1e-6)
+    # No position counts: NaN, as F.cross_entropy gives (the trainers' non-finite checks catch it), and no gradient.
+    ignored = torch.full_like(idx, IGNORE_INDEX)
+    loss, grads = loss_and_grads(model, lambda: model(idx, ignored)[1])
+    ref_loss, ref_grads = loss_and_grads(model, lambda: full_logits_loss(model, idx, ignored))
+    assert loss.isnan() and ref_loss.isnan()
+    for name, grad in ref_grads.items():
+        assert torch.equal(grads[name], grad), name
+
+
+def largest_tensor_made(run) -> int:
+    """The most elements of any tensor an op returned while `run()` ran, its backward included."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    Largest.numel = max(Largest.numel, t.numel())
+            return out
+
+    with Largest():
+        run()
+    return Largest.numel
+
+
+def test_chunked_loss_never_builds_the_logits_of_all_positions():
+    # 4 × 48 positions in chunks of 100, more than dim (64): the largest tensor is a chunk's logits, not the weight.
+    vocab, batch, seq = 4096, 4, 48
+    model = build(tiny_config(vocab_size=vocab)).train()
+    model.output.chunk_tokens = 100
+    idx = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(17))
+    labels = shifted_labels(idx)
+    assert largest_tensor_made(lambda: full_logits_loss(model, idx, labels).backward()) >= batch * seq * vocab
+    assert largest_tensor_made(lambda: model(idx, labels)[1].backward()) == 100 * vocab
