@@ -63,14 +63,16 @@ class MetricsLogger:
             self._wandb.define_metric(f"{stage}/step")
             self._wandb.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
 
-    def log(self, record: dict) -> None:
+    def log(self, record: dict, echo: bool = True) -> None:
+        """Append `record` (and show it on the console unless echo=False: a line said otherwise already)."""
         if not self.enabled:
             return
         record = redact_values({"stage": self.stage, **{k: _plain(v) for k, v in record.items()}})
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        shown = " ".join(f"{k}={_short(v)}" for k, v in record.items() if k != "stage" and v is not None)
-        log.info("%s: %s", self.stage, shown)
+        if echo:
+            shown = " ".join(f"{k}={_short(v)}" for k, v in record.items() if k != "stage" and v is not None)
+            log.info("%s: %s", self.stage, shown)
         if self._wandb is not None:
             self._wandb.log({f"{self.stage}/{k}": v for k, v in record.items()
                              if k != "stage" and isinstance(v, (int, float))})

@@ -117,6 +117,7 @@ class Trainer:
             self.loader.load_state_dict(self.state.loader)
         log.info("%s: resumed from %s at step %d", self.stage, folder, self.state.step)
         self.metrics.rewind(self.state.step)
+        self.metrics.log({"step": self.state.step, "resumed_from": str(folder)}, echo=False)  # the report marks it
 
     def fit(self) -> TrainerState:
         train = self.train
