@@ -132,6 +132,7 @@ def test_resume_after_a_kill_is_bit_exact(tmp_path, data_run, uninterrupted, ski
     proc = run_cli(f"run_dir={run_dir}", "stages=[pretrain]", *TINY, *RESUME, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resumed from" in proc.stdout
+    assert records(run_dir, "resumed_from") == {6: str(run_dir.resolve() / "pretrain" / "checkpoints" / "step_00000006")}
     resumed = records(run_dir)
     after = range(7, 17)
     if skip:
