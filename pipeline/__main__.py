@@ -16,7 +16,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .config import DataConfig, DeepSpeedConfig, ModelConfig, PipelineConfig, PrecisionConfig
+from .config import DataConfig, DeepSpeedConfig, ModelConfig, OptimizerConfig, PipelineConfig, PrecisionConfig
 from .control import Preempted, install_preemption_handlers, peer_failure, report_preempted
 from .errors import PipelineError
 from .redaction import redact_text
@@ -35,7 +35,7 @@ def config_dir() -> str:
 
 def register_configs() -> None:
     """The dataclasses of pipeline/config.py as Hydra's schema: the structured base of conf/config.yaml
-    and the type of every file of the model, deepspeed and precision groups."""
+    and the type of every file of the model, deepspeed, optimizer and precision groups."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
@@ -45,6 +45,7 @@ def register_configs() -> None:
     cs.store(group="schema", name="model", node=ModelConfig)
     cs.store(group="schema", name="deepspeed", node=DeepSpeedConfig)
     cs.store(group="schema", name="precision", node=PrecisionConfig)
+    cs.store(group="schema", name="optimizer", node=OptimizerConfig)
 
 
 register_configs()

@@ -6,7 +6,7 @@ function takes the section it needs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from .batching import AUTO, BatchLayout
@@ -148,6 +148,30 @@ class DeepSpeedConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # merged into the DeepSpeed JSON as is
 
 
+OPTIMIZERS = ("adamw", "muon")
+NS_METHODS = ("gram", "standard")
+
+
+@dataclass
+class OptimizerConfig:
+    """The `optimizer` group, for pretrain and finetune alike. AdamW's own keys stay in train.* / finetune.*
+    (lr, beta1, beta2, eps, weight_decay): under `muon` they configure the AdamW half (embeddings, output
+    head, norms). DeepSpeed's Muon fixes Newton-Schulz at 5 steps with Nesterov momentum."""
+    name: str = "adamw"  # adamw | muon (DeepSpeed's MuonWithAuxAdam: Muon on hidden matrices, AdamW on the rest)
+    # Muon's peak learning rate is this × train.lr (finetune.lr in fine-tuning), on the same warmup and decay
+    muon_lr_ratio: float = 10.0
+    momentum: float = 0.95  # Muon's momentum (Nesterov)
+    ns_method: str = "gram"  # Newton-Schulz iteration: gram | standard
+    muon_weight_decay: Optional[float] = None  # decoupled, × Muon's lr; None: train.weight_decay (finetune.*)
+    # 2-D parameters kept on AdamW, by name prefix (model.named_parameters()); the other 2-D matrices go to
+    # Muon, 1-D ones (norms) always to AdamW
+    adamw_params: list[str] = field(default_factory=lambda: ["tok_embeddings", "output"])
+    # DeepSpeed clips the norm of Muon's orthogonalised updates and AdamW's gradients together (an update's
+    # norm is fixed by its shape, ~30 over the tiny model), which would shrink every step: false leaves
+    # train.grad_clip out under muon; true applies it as DeepSpeed does
+    muon_grad_clip: bool = False
+
+
 @dataclass
 class PrecisionConfig:
     name: str = "bf16"  # bf16 | fp16 | fp32
@@ -196,6 +220,7 @@ class PipelineConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -230,9 +255,11 @@ def validate(cfg: PipelineConfig) -> None:
         raise PipelineError(f"launch.nproc_per_node={cfg.launch.nproc_per_node} must be at least 0 "
                             f"(0: one rank per GPU, else 2 CPU ranks)")
     # only for the stages asked for: a bad train.* must not block stages=[tokenize,shard]
-    for key, stage in TRAINING_KEYS:
-        if stage in cfg.stages:
-            validate_training(cfg, key)
+    training = [key for key, stage in TRAINING_KEYS if stage in cfg.stages]
+    for key in training:
+        validate_training(cfg, key)
+    if training:
+        validate_optimizer(cfg.optimizer, cfg.deepspeed)
 
 
 # The training stages and their config sections: `pretrain` is configured under `train.*`.
@@ -281,3 +308,28 @@ def validate_training(cfg: PipelineConfig, key: str) -> None:
             raise PipelineError(f"model.dim={model.dim}, model.n_heads={model.n_heads}, model.n_kv_heads="
                                 f"{model.n_kv_heads}: dim must split into n_heads heads of even size, and n_heads "
                                 f"into n_kv_heads groups")
+
+
+def validate_optimizer(opt: OptimizerConfig, ds: DeepSpeedConfig) -> None:
+    """optimizer.*, and the DeepSpeed combination Muon does not run under (checked before ranks start)."""
+    if opt.name not in OPTIMIZERS:
+        raise PipelineError(f"optimizer.name={opt.name!r}: use optimizer=adamw or optimizer=muon")
+    if opt.name != "muon":
+        return
+    if not opt.muon_lr_ratio > 0 or not 0 <= opt.momentum < 1 or (opt.muon_weight_decay or 0) < 0:
+        raise PipelineError(f"optimizer.muon_lr_ratio={opt.muon_lr_ratio}, optimizer.momentum={opt.momentum}, "
+                            f"optimizer.muon_weight_decay={opt.muon_weight_decay}: need > 0, in [0, 1) and not negative")
+    if opt.ns_method not in NS_METHODS:
+        raise PipelineError(f"optimizer.ns_method={opt.ns_method!r}: choose {', '.join(NS_METHODS)}")
+    if ds.offload_optimizer or ds.offload_param:
+        # DeepSpeed refuses a client optimizer under offload, and its own Muon there (the "optimizer" section)
+        # splits by parameter name, which would put our output head on Muon
+        raise PipelineError(f"optimizer=muon does not run with offload (deepspeed={ds.name}: offload_optimizer="
+                            f"{ds.offload_optimizer}, offload_param={ds.offload_param}): use deepspeed=zero0, "
+                            f"zero1, zero2 or zero3 without offload, or optimizer=adamw")
+
+
+def optimizer_inputs(opt: OptimizerConfig) -> dict:
+    """The optimizer group's share of a training stage's inputs. AdamW's settings are train.* keys, already
+    in the inputs, so under adamw nothing is added: a run from before the group existed is not redone."""
+    return {} if opt.name == "adamw" else {"optimizer": asdict(opt)}

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from . import control
 from .checkpoint_writer import BackgroundWriter
-from .config import DeepSpeedConfig, LaunchConfig, PrecisionConfig, TrainConfig
+from .config import DeepSpeedConfig, LaunchConfig, OptimizerConfig, PrecisionConfig, TrainConfig
 from .errors import PipelineError
 from .redaction import redact
 
@@ -54,7 +54,27 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, train: TrainConfig, ds: DeepSpeedConfig, device: torch.device):
+def muon_split(model: torch.nn.Module, opt: OptimizerConfig) -> tuple[list[str], list[str]]:
+    """(Muon's parameter names, AdamW's): Muon takes the 2-D matrices not named by optimizer.adamw_params
+    (by prefix); 1-D tensors (norms) stay on AdamW, as Muon is defined on matrices only."""
+    prefixes = list(opt.adamw_params)
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    unmatched = [x for x in prefixes if not any(n == x or n.startswith(x + ".") for n in names)]
+    if unmatched:
+        raise PipelineError(f"optimizer.adamw_params={prefixes}: {unmatched} match no parameter of the model "
+                            f"(its 2-D parameters: {[n for n, p in model.named_parameters() if p.ndim == 2][:8]} ...)")
+    params = dict(model.named_parameters())
+    muon = [n for n in names if params[n].ndim == 2
+            and not any(n == x or n.startswith(x + ".") for x in prefixes)]
+    if not muon:
+        raise PipelineError(f"optimizer=muon with optimizer.adamw_params={prefixes} leaves no matrix to Muon")
+    return muon, [n for n in names if n not in muon]
+
+
+def build_optimizer(model: torch.nn.Module, train: TrainConfig, ds: DeepSpeedConfig, device: torch.device,
+                    opt: OptimizerConfig | None = None):
+    if opt is not None and opt.name == "muon":
+        return build_muon(model, train, opt, device)
     groups = param_groups(model, train.weight_decay)
     kwargs = dict(lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps)
     if ds.offload_optimizer:  # the optimizer step runs on the CPU: DeepSpeed's vectorised CPU Adam
@@ -72,14 +92,50 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig, ds: DeepSpeedCon
     return torch.optim.AdamW(groups, **kwargs)
 
 
+def build_muon(model: torch.nn.Module, train: TrainConfig, opt: OptimizerConfig, device: torch.device):
+    """DeepSpeed's MuonWithAuxAdam, the class its ZeRO 1/2/3 optimizers recognise: they read `use_muon` from
+    each parameter and group and orthogonalise the (partitioned) gradients themselves. Built here rather than
+    from a DeepSpeed "optimizer" section, whose split is by name ("embed", "lm_head") and would put our
+    output head on Muon. The AdamW half is the optimizer optimizer=adamw uses, with train.*'s settings."""
+    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+
+    muon_names, _ = muon_split(model, opt)
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    matrices, decay, no_decay = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        param.use_muon = name in muon_names  # what DeepSpeed's ZeRO optimizers test
+        if param.use_muon:
+            matrices.append(param)
+        else:
+            (no_decay if param.ndim < 2 or id(param) in embeddings else decay).append(param)
+    adam = dict(use_muon=False, lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps)
+    wd = train.weight_decay if opt.muon_weight_decay is None else opt.muon_weight_decay
+    # lr_ratio: the trainer sets every group's lr to schedule × this (absent: × 1)
+    groups = [dict(params=matrices, use_muon=True, lr=train.lr * opt.muon_lr_ratio, lr_ratio=opt.muon_lr_ratio,
+                   momentum=opt.momentum, weight_decay=wd, ns_method=opt.ns_method),
+              dict(params=decay, weight_decay=train.weight_decay, **adam),
+              dict(params=no_decay, weight_decay=0.0, **adam)]
+    groups = [g for g in groups if g["params"]]
+    if device.type == "cuda":
+        from deepspeed.ops.adam import FusedAdam
+
+        return MuonWithAuxAdam(groups, adam_optimizer=FusedAdam, adam_optimizer_kwargs=dict(adam_w_mode=True),
+                               fallback_to_inline=True)  # FusedAdam's op failed to build: Muon's own Adam
+    return MuonWithAuxAdam(groups, adam_optimizer=torch.optim.AdamW)
+
+
 def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, precision: PrecisionConfig,
-                     micro_batch: int, grad_accum: int) -> dict:
+                     micro_batch: int, grad_accum: int, opt: OptimizerConfig | None = None) -> dict:
     zero: dict = {"stage": ds.stage}
     if ds.stage > 0:
         zero.update(overlap_comm=ds.overlap_comm, contiguous_gradients=ds.contiguous_gradients,
                     reduce_bucket_size=ds.reduce_bucket_size)
         if ds.stage < 3:
             zero["allgather_bucket_size"] = ds.allgather_bucket_size
+        elif opt is not None and opt.name == "muon":
+            zero["reduce_scatter"] = False  # DeepSpeed's ZeRO 3 refuses Muon with it (it needs full gradients)
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if ds.offload_param:
@@ -89,7 +145,7 @@ def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, precision: Precisi
     config = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
-        "gradient_clipping": train.grad_clip,
+        "gradient_clipping": muon_clip(train, opt),
         "zero_optimization": zero,
         "steps_per_print": 1 << 30,  # we log ourselves
         "wall_clock_breakdown": False,
@@ -111,6 +167,15 @@ def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, precision: Precisi
     elif precision.name != "fp32":
         raise PipelineError(f"precision={precision.name!r}: choose bf16, fp16 or fp32")
     return _deep_merge(config, ds.extra)
+
+
+def muon_clip(train: TrainConfig, opt: OptimizerConfig | None) -> float:
+    """DeepSpeed's gradient_clipping. Under Muon its ZeRO optimizers take the norm over the orthogonalised
+    Muon updates with the AdamW gradients (about 30 for the tiny model, whatever the gradients), so clipping
+    at train.grad_clip=1 would shrink every step about 30×: off unless optimizer.muon_grad_clip=true."""
+    if opt is not None and opt.name == "muon" and not opt.muon_grad_clip:
+        return 0.0
+    return train.grad_clip
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -137,7 +202,8 @@ def initialize_engine(model: torch.nn.Module, optimizer, config: dict, zero_stag
 
 
 def build_engine(model_cfg, train: TrainConfig, ds: DeepSpeedConfig, precision: PrecisionConfig,
-                 device: torch.device, accumulation: int, load_weights=None) -> tuple[object, int]:
+                 device: torch.device, accumulation: int, load_weights=None,
+                 opt: OptimizerConfig | None = None) -> tuple[object, int]:
     """(DeepSpeed engine, parameter count) for a fresh model: seeded init (the same weights on every rank
     and every run), then `load_weights(model)` if given, optional compilation, optimizer, ZeRO wrapping."""
     from .model import Transformer, compile_blocks
@@ -149,8 +215,8 @@ def build_engine(model_cfg, train: TrainConfig, ds: DeepSpeedConfig, precision: 
         load_weights(model)
     if model_cfg.compile:
         compile_blocks(model)
-    optimizer = build_optimizer(model, train, ds, device)
-    config = deepspeed_config(train, ds, precision, train.micro_batch_size, accumulation)
+    optimizer = build_optimizer(model, train, ds, device, opt)
+    config = deepspeed_config(train, ds, precision, train.micro_batch_size, accumulation, opt)
     engine = initialize_engine(model, optimizer, config, ds.stage)
     engine.checkpoint_engine = BackgroundWriter(background=train.async_checkpoint, digests=train.checkpoint_sha256)
     return engine, num_parameters
@@ -178,6 +244,9 @@ def update_withheld(engine):
     its step count change, is a no-op for this one call."""
     inner = [o for o in (engine.basic_optimizer, getattr(engine.optimizer, "backup_optimizer", None)) if o is not None]
     linked = getattr(engine.optimizer, "_hp_optimizer_states_linked", None)
+    # Muon's momentum moves outside the inner step: ZeRO 1/2 fold the gradient into it while partitioning
+    # and commit it in the wrapper's step, ZeRO 3 orthogonalises there before the inner step. Put it back.
+    momentum = {key: state["momentum_buffer"].clone() for key, state in _muon_states(engine.basic_optimizer)}
     for optimizer in inner:
         optimizer.step = _no_update
     try:
@@ -185,8 +254,17 @@ def update_withheld(engine):
     finally:
         for optimizer in inner:
             del optimizer.step  # the class's own step again
+        for key, state in _muon_states(engine.basic_optimizer):
+            if key in momentum:
+                state["momentum_buffer"].copy_(momentum[key])
+            else:  # created by this step: a fresh buffer starts at zero
+                state["momentum_buffer"].zero_()
         if linked is False:  # DeepSpeed links its views of the optimizer state after the first real update
             engine.optimizer._hp_optimizer_states_linked = False
+
+
+def _muon_states(optimizer):
+    return [(id(state), state) for state in optimizer.state.values() if "momentum_buffer" in state]
 
 
 def _no_update(*args, **kwargs) -> None:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .checkpoint import RECORD, find_resumable
-from .config import FinetuneConfig, ModelConfig
+from .config import FinetuneConfig, ModelConfig, optimizer_inputs
 from .context import Context
 from .corpus import files_fingerprint, resolve_paths
 from .errors import PipelineError
@@ -47,7 +47,7 @@ def inputs(ctx: Context) -> dict:
     tokenizer = layout.tokenizer
     return {"model": asdict(cfg.model), "finetune": asdict(ft), "deepspeed": asdict(cfg.deepspeed),
             "precision": asdict(cfg.precision), "init": init, "data": data,
-            "tokenizer": sha256_file(tokenizer) if tokenizer.is_file() else "missing"}
+            "tokenizer": sha256_file(tokenizer) if tokenizer.is_file() else "missing", **optimizer_inputs(cfg.optimizer)}
 
 
 def preflight(ctx: Context, pretrain_runs_first: bool) -> None:
@@ -206,12 +206,14 @@ def train_model(ctx: Context) -> None:
         data.train.stats.padding_fraction = loader.epoch_padding_fraction()
     eval_set = sft_data.sft_eval_batches(data.held_out, ft.micro_batch_size, ft.eval_batches, rank, world, pin)
     engine, num_parameters = build_engine(model_cfg, ft, cfg.deepspeed, cfg.precision, device, batch.accumulation,
-                                          None if resuming else lambda model: load_init_weights(model, source))
+                                          None if resuming else lambda model: load_init_weights(model, source),
+                                          opt=cfg.optimizer)
     metrics = MetricsLogger(layout.run_dir, "finetune", rank == 0, cfg.logging.wandb, ctx.resolved)
     trainer = Trainer(stage="finetune", section="finetune", engine=engine, loader=loader, eval_batches=eval_set,
                       train=ft, checkpoint_root=layout.checkpoints("finetune"), metrics=metrics,
                       flops_per_token=flops_per_token(model_cfg, ft.seq_len), device=device,
-                      model_config=asdict(model_cfg), faults=injected())
+                      model_config=asdict(model_cfg), faults=injected(),
+                      optimizer=cfg.optimizer.name)
     if rank == 0:
         held = data.held_out.stats.describe() if data.held_out else "none"
         log.info("finetune: %s from %s; train: %s; held-out: %s; %d exact-match questions", data.description,

@@ -6,6 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .checkpoint import RECORD, find_resumable
+from .config import optimizer_inputs
 from .context import Context
 from .fsutil import sha256_file
 
@@ -17,7 +18,8 @@ def inputs(ctx: Context) -> dict:
     cfg, layout = ctx.cfg, ctx.layout
     digest = {path: sha256_file(path) if path.is_file() else "missing" for path in (layout.manifest, layout.tokenizer)}
     return {"model": asdict(cfg.model), "train": asdict(cfg.train), "deepspeed": asdict(cfg.deepspeed),
-            "precision": asdict(cfg.precision), "shards": digest[layout.manifest], "tokenizer": digest[layout.tokenizer]}
+            "precision": asdict(cfg.precision), "shards": digest[layout.manifest], "tokenizer": digest[layout.tokenizer],
+            **optimizer_inputs(cfg.optimizer)}
 
 
 def preflight(ctx: Context) -> None:
@@ -62,7 +64,8 @@ def train_model(ctx: Context) -> None:
     loader = PretrainLoader(stream, train.seq_len, train.micro_batch_size, train.global_batch_size,
                             dp_rank=rank, dp_world=world, seed=train.seed, pin_memory=device.type == "cuda")
     val = open_split(layout.shards, "val", layout.tokenizer, verify=train.verify_shards, required=False)
-    engine, num_parameters = build_engine(model_cfg, train, cfg.deepspeed, cfg.precision, device, batch.accumulation)
+    engine, num_parameters = build_engine(model_cfg, train, cfg.deepspeed, cfg.precision, device, batch.accumulation,
+                                          opt=cfg.optimizer)
     # built now so that a validation split too small for one batch fails before training, not after
     eval_set = [] if val is None else eval_batches(val, train.seq_len, train.micro_batch_size, train.eval_batches,
                                                    rank, world)
@@ -70,7 +73,8 @@ def train_model(ctx: Context) -> None:
     trainer = Trainer(stage="pretrain", section="train", engine=engine, loader=loader, eval_batches=eval_set,
                       train=train, checkpoint_root=layout.checkpoints("pretrain"), metrics=metrics,
                       flops_per_token=flops_per_token(model_cfg, train.seq_len), device=device,
-                      model_config=asdict(model_cfg), faults=injected())
+                      model_config=asdict(model_cfg), faults=injected(),
+                      optimizer=cfg.optimizer.name)
     if rank == 0:
         log.info("pretrain: model=%s, %.2fM parameters, %d ranks × micro batch %d × %d accumulation, "
                  "ZeRO %d, %s", model_cfg.name, num_parameters / 1e6, world,

@@ -92,8 +92,9 @@ class Trainer:
 
     def __init__(self, *, stage: str, section: str, engine, loader, eval_batches: Iterable, train: TrainConfig,
                  checkpoint_root: Path, metrics: MetricsLogger, flops_per_token: int, device: torch.device,
-                 model_config: dict, faults: Faults | None = None):
+                 model_config: dict, faults: Faults | None = None, optimizer: str = "adamw"):
         self.stage, self.section, self.engine, self.loader = stage, section, engine, loader
+        self.optimizer = optimizer  # its state is in the checkpoint: a resume must use the same one
         self.eval_batches, self.train, self.metrics, self.device = eval_batches, train, metrics, device
         self.model_config, self.faults = model_config, faults
         self.state = TrainerState(model=model_config)
@@ -108,6 +109,11 @@ class Trainer:
         if found is None:
             return
         folder, record = found
+        saved_optimizer = record.get("trainer_state", {}).get("optimizer", "adamw")  # older checkpoints: AdamW
+        if saved_optimizer != self.optimizer:
+            raise PipelineError(f"checkpoint {folder} was written with optimizer={saved_optimizer}, this run has "
+                                f"optimizer={self.optimizer}: resume with optimizer={saved_optimizer}, or start "
+                                f"afresh ({self.section}.resume=none or a new run_dir)")
         skip = self.faults.skip_restore if self.faults else ""  # tests prove the RNG and loader restores matter
         saved = self.checkpoints.load(folder, record, self.model_config, restore_rng=skip != "rng")
         self.state = TrainerState(step=saved["step"], tokens_seen=saved["tokens_seen"], loader=saved.get("loader"),
@@ -149,7 +155,7 @@ class Trainer:
     def _accumulate(self, lr: float) -> torch.Tensor:
         """Forward and backward of this step's micro batches; the mean loss, on the device."""
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_ratio", 1.0)  # Muon's groups: a multiple of the schedule (× 1 exact)
         micro_batches = self.loader.next_global_batch()
         poison = self.faults.loss_factor(self.state.step + 1, dist.get_rank()) if self.faults else None
         step_loss = torch.zeros((), device=self.device)
@@ -187,7 +193,8 @@ class Trainer:
 
     def save(self) -> Path:
         self.state.loader = self.loader.state_dict()
-        return self.checkpoints.save(self.state.step, {**asdict(self.state), **self.guard.state_dict()})
+        return self.checkpoints.save(self.state.step, {**asdict(self.state), **self.guard.state_dict(),
+                                                       "optimizer": self.optimizer})
 
     def _stop_preempted(self, saved: Path) -> None:
         self.checkpoints.finish()
