@@ -159,7 +159,7 @@ class OptimizerConfig:
     head, norms). DeepSpeed's Muon fixes Newton-Schulz at 5 steps with Nesterov momentum."""
     name: str = "adamw"  # adamw | muon (DeepSpeed's MuonWithAuxAdam: Muon on hidden matrices, AdamW on the rest)
     # Muon's peak learning rate is this × train.lr (finetune.lr in fine-tuning), on the same warmup and decay
-    muon_lr_ratio: float = 10.0
+    muon_lr_ratio: float = 5.0  # the best of 1.25-20 on the default run (bench/optimizer.py, README)
     momentum: float = 0.95  # Muon's momentum (Nesterov)
     ns_method: str = "gram"  # Newton-Schulz iteration: gram | standard
     muon_weight_decay: Optional[float] = None  # decoupled, × Muon's lr; None: train.weight_decay (finetune.*)
