@@ -1,13 +1,13 @@
-"""micro_batch_size=auto (pipeline/autobatch.py): the search, real CPU probes, and the CLI on 2 ranks."""
+"""micro_batch_size=auto (pipeline/autobatch.py): the search, real CPU probes, bad values, and training on 2
+ranks."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 
-from conftest import error_lines, run_cli
+from conftest import TINY, error_lines, fresh_run, run_config_checks, run_on_ranks
 from pipeline import autobatch
 from pipeline.batching import BatchLayout
 from pipeline.config import DeepSpeedConfig, ModelConfig, PrecisionConfig, TrainConfig
@@ -57,6 +57,7 @@ def test_optimizer_state_estimate_follows_the_zero_stage():
     assert autobatch.unprobed_bytes(p, "bf16", DeepSpeedConfig(stage=2, offload_optimizer=True), 2, "cuda") == 4 * p // 2
 
 
+@pytest.mark.slow
 def test_cpu_probes_a_small_budget_picks_a_smaller_micro_batch():
     """Real forward and backward passes of a small model on the CPU, measured by RSS."""
     # vocab 4096: the loss's fp32 logits, 2 MiB per sequence of 128 (built 1024 positions at a time), dominate
@@ -84,21 +85,18 @@ def test_cpu_probes_a_small_budget_picks_a_smaller_micro_batch():
     (("stages=[finetune]", "finetune.micro_batch_size=true"), "finetune.micro_batch_size=True: give a whole"),
 ])
 def test_bad_values_give_one_error_line(tmp_path, overrides, phrase):
-    proc = run_cli(f"run_dir={tmp_path}", "stages=[pretrain]", *overrides, timeout=120)
+    proc = run_config_checks(f"run_dir={tmp_path}", "stages=[pretrain]", *overrides)
     assert proc.returncode != 0
     assert len(error_lines(proc)) == 1 and phrase in error_lines(proc)[0], proc.stderr[-3000:]
 
 
 @pytest.mark.slow
-def test_auto_micro_batch_trains_through_the_cli_on_two_ranks(tmp_path, small_run):
-    for name in ("tokenizer", "shards"):
-        shutil.copytree(small_run / name, tmp_path / name)
-    proc = run_cli(f"run_dir={tmp_path}", "stages=[pretrain]", "model=tiny", "train.seq_len=64",
-                   "train.micro_batch_size=auto", "train.global_batch_size=8", "train.max_steps=3",
-                   "train.log_interval=1", "train.eval_interval=3", "train.save_interval=3", "train.eval_batches=1",
-                   "launch.nproc_per_node=2", "deepspeed=zero1", timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    output = proc.stdout + proc.stderr
+def test_auto_micro_batch_trains_on_two_ranks(tmp_path, small_run):
+    """The pretrain stage on 2 ranks (conftest.run_on_ranks: the output of both is searched)."""
+    fresh_run(small_run, tmp_path)
+    output = run_on_ranks(f"run_dir={tmp_path}", "stages=[pretrain]", *TINY, "train.micro_batch_size=auto",
+                          "train.max_steps=3", "train.eval_interval=3", "train.save_interval=3",
+                          "launch.nproc_per_node=2", "deepspeed=zero1", timeout=300)
     chosen = [line for line in output.splitlines() if "train.micro_batch_size=auto:" in line]
     assert len(chosen) == 1, output[-4000:]  # rank 0 alone reports it
     micro = int(chosen[0].split("train.micro_batch_size=auto:")[1].split()[0])

@@ -1,10 +1,13 @@
-"""Bad input and config through the real CLI, stage by stage: each case exits non-zero with exactly one
-`error:` line that names the problem, no traceback, and leaves nothing that looks finished (no completion
-record of the failed stage, no new tokenizer, manifest, checkpoint record, weights or staging folder).
+"""Bad input and config, stage by stage: each case exits non-zero with exactly one `error:` line that names
+the problem, no traceback, and leaves nothing that looks finished (no completion record of the failed stage,
+no new tokenizer, manifest, checkpoint record, weights or staging folder). The config matrix runs through the
+entry point's own checks in-process (conftest.run_config_checks), the input matrix in-process through the
+entry point and the runner (run_in_process), each with a few cases through the real CLI as well; what the
+ranks find goes through the real CLI.
 
 Covered elsewhere, not repeated here: bad corpora, globs, vocab sizes and a non-SentencePiece .model at the
-tokenize stage (test_data_inputs.py; here the corpus cases hit the shard stage), SFT record shapes
-(test_finetune.py).
+tokenize stage (test_data_inputs.py; here the corpus cases hit the shard stage), SFT record shapes as data
+(test_finetune.py; here through a run: no assistant turn, an unknown shape).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import error_lines, run_cli, write_jsonl
+from conftest import TINY, error_lines, run_cli, run_config_checks, run_in_process, write_jsonl
 
 # What a finished stage leaves behind; none of it may appear because of a failed run.
 FINISHED = ("stages/*.json", "tokenizer/tokenizer.model", "shards/manifest.json", "shards.tmp", "shards.parts",
@@ -67,6 +70,17 @@ CONFIG_CASES = {
 def test_bad_config_stops_before_any_work(tmp_path, name):
     overrides, phrase = CONFIG_CASES[name]
     run_dir = tmp_path / "run"
+    # a check that is missed would start the whole pipeline: run_config_checks raises where it would
+    proc = run_config_checks(f"run_dir={run_dir}", *overrides)
+    assert_fails_well(proc, phrase, run_dir, "tokenize", set())
+    assert not run_dir.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["unknown key", "zero steps"])  # Hydra's composition; our validation
+def test_bad_config_through_the_real_cli(tmp_path, name):
+    overrides, phrase = CONFIG_CASES[name]
+    run_dir = tmp_path / "run"
     # a check that is missed would start the whole pipeline: the timeout turns that into a failure
     proc = run_cli(f"run_dir={run_dir}", *overrides, timeout=90)
     assert_fails_well(proc, phrase, run_dir, "tokenize", set())
@@ -76,8 +90,7 @@ def test_bad_config_stops_before_any_work(tmp_path, name):
 # -- inputs: each case prepares a run (mostly a copy of `small_run`) -------------------------------
 
 Setup = Callable[[Path, Path], tuple[Path, list[str]]]  # (tmp_path, small_run) -> (run_dir, overrides)
-TINY_PRETRAIN = ("stages=[pretrain]", "train.seq_len=32", "train.micro_batch_size=2", "train.global_batch_size=4",
-                 "train.max_steps=2", "train.eval_batches=1", "launch.nproc_per_node=1")
+TINY_PRETRAIN = ("stages=[pretrain]", *TINY, "train.max_steps=2", "launch.nproc_per_node=1")
 
 
 def copied(small_run: Path, tmp: Path) -> Path:
@@ -177,6 +190,11 @@ def finetune_from_nowhere(tmp: Path, small_run: Path) -> tuple[Path, list[str]]:
                                     "launch.nproc_per_node=1"]
 
 
+def finetune_without_pretrain(tmp: Path, small_run: Path) -> tuple[Path, list[str]]:
+    """The tokenizer and data, no pretrain checkpoint to start from (finetune.init=pretrain, the default)."""
+    return copied(small_run, tmp), ["stages=[finetune]", "launch.nproc_per_node=1"]
+
+
 def export_without_finetune(tmp: Path, small_run: Path) -> tuple[Path, list[str]]:
     return copied(small_run, tmp), ["stages=[export]", "export.source=finetune"]
 
@@ -200,20 +218,34 @@ INPUT_CASES: dict[str, tuple[Setup, str, str]] = {
     "resume from a missing folder": (resume_from_nowhere, "pretrain", "nonexistent' is not a folder"),
     "finetune from a GPT-2 folder": (finetune_from_gpt2, "finetune", "is not a LlamaForCausalLM export"),
     "finetune from a missing folder": (finetune_from_nowhere, "finetune", "config.json does not exist"),
+    "finetune without a pretrain checkpoint": (finetune_without_pretrain, "finetune",
+                                               "no complete pretrain checkpoint"),
     "export of a finetune that never ran": (export_without_finetune, "export", "no complete finetune checkpoint"),
 }
+
+
+def assert_fails_before_its_stage_starts(tmp_path: Path, small_run: Path, name: str, run) -> None:
+    setup, stage, phrase = INPUT_CASES[name]
+    run_dir, overrides = setup(tmp_path, small_run)
+    before = finished(run_dir) if run_dir.is_dir() else set()
+    proc = run(f"run_dir={run_dir}", *overrides)
+    assert_fails_well(proc, phrase, run_dir, stage, before)
+    assert "local ranks" not in proc.stdout + proc.stderr  # as in "pretrain: starting 2 local ranks"
 
 
 @pytest.mark.parametrize("name", list(INPUT_CASES))
 def test_bad_input_fails_before_its_stage_starts(tmp_path, small_run, name):
     """None of these start local ranks: the runner checks them first (runner.preflight for the training
-    stages)."""
-    setup, stage, phrase = INPUT_CASES[name]
-    run_dir, overrides = setup(tmp_path, small_run)
-    before = finished(run_dir) if run_dir.is_dir() else set()
-    proc = run_cli(f"run_dir={run_dir}", *overrides, timeout=120)
-    assert_fails_well(proc, phrase, run_dir, stage, before)
-    assert "local ranks" not in proc.stdout + proc.stderr  # as in "pretrain: starting 2 local ranks"
+    stages). In-process (run_in_process: the entry point and the runner as the CLI runs them; starting
+    local ranks would raise); a case of each stage goes through the real CLI below as well."""
+    assert_fails_before_its_stage_starts(tmp_path, small_run, name, run_in_process)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tokenizer.path is a folder", "missing corpus path", "pretrain without shards",
+                                  "finetune from a GPT-2 folder", "export of a finetune that never ran"])
+def test_bad_input_through_the_real_cli(tmp_path, small_run, name):
+    assert_fails_before_its_stage_starts(tmp_path, small_run, name, lambda *args: run_cli(*args, timeout=120))
 
 
 # -- found by the ranks themselves: every shard byte is hashed, every SFT record parsed ------------------
@@ -263,14 +295,20 @@ def llama_folder(folder: Path, vocab_size: int) -> Path:
     return folder
 
 
-def finetune_without_answer(tmp: Path, small_run: Path) -> tuple[Path, list[str]]:
-    run_dir = copied(small_run, tmp)
-    vocab = json.loads((run_dir / "shards" / "manifest.json").read_text())["vocab_size"]
-    sft = write_jsonl(tmp / "sft.jsonl", [{"prompt": "q", "response": "a"}, {"prompt": "a question, no answer"}])
-    return run_dir, ["stages=[finetune]", f"finetune.init={llama_folder(tmp / 'hf', vocab)}",
-                     f"finetune.data.paths=[{sft}]", "finetune.seq_len=64", "finetune.micro_batch_size=2",
-                     "finetune.global_batch_size=2", "finetune.max_steps=2", "finetune.eval_exact_match=0",
-                     "launch.nproc_per_node=1"]
+def finetune_on(records: list[dict], name: str = "sft.jsonl") -> Setup:
+    """A finetune from a tiny HF folder on SFT `records`: the ranks parse them."""
+    def setup(tmp: Path, small_run: Path) -> tuple[Path, list[str]]:
+        run_dir = copied(small_run, tmp)
+        vocab = json.loads((run_dir / "shards" / "manifest.json").read_text())["vocab_size"]
+        sft = write_jsonl(tmp / name, records)
+        return run_dir, ["stages=[finetune]", f"finetune.init={llama_folder(tmp / 'hf', vocab)}",
+                         f"finetune.data.paths=[{sft}]", "finetune.seq_len=64", "finetune.micro_batch_size=2",
+                         "finetune.global_batch_size=2", "finetune.max_steps=2", "finetune.eval_exact_match=0",
+                         "launch.nproc_per_node=1"]
+    return setup
+
+
+finetune_without_answer = finetune_on([{"prompt": "q", "response": "a"}, {"prompt": "a question, no answer"}])
 
 
 RANK_CASES: dict[str, tuple[Setup, str, str]] = {
@@ -278,6 +316,8 @@ RANK_CASES: dict[str, tuple[Setup, str, str]] = {
     "token id beyond the vocabulary": (out_of_vocab_shard, "pretrain", "outside the vocabulary [0, 600)"),
     "finetune record without an answer": (finetune_without_answer, "finetune",
                                           "sft.jsonl, record 1 (counting from 0) has no assistant turn"),
+    "finetune record of unknown shape": (finetune_on([{"text": "pretraining text, not an instruction"}], "text.jsonl"),
+                                         "finetune", "has an unknown shape (fields: ['text']); accepted"),
 }
 
 

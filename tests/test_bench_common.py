@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
@@ -26,6 +28,7 @@ def test_record_creates_the_header_and_appends_dated_rows(tmp_path, monkeypatch,
     assert "CPUs" in common.hardware() and "GiB RAM" in common.hardware()
 
 
+@pytest.mark.slow
 def test_memory_sampler_sums_a_process_tree():
     # a child holding 200 MB under a parent: the tree's peak counts it, the parent's own RSS does not
     code = ("import subprocess, sys; subprocess.run([sys.executable, '-c', "

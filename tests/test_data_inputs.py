@@ -1,4 +1,6 @@
-"""Corpus inputs through the real CLI: every supported format, repaired bytes, and bad input."""
+"""Corpus inputs through the entry point: every supported format, repaired bytes and bad input in-process
+(run_in_process; the cases that are bad config rather than bad input through the entry point's own checks,
+run_config_checks), a few bad inputs, an unwritable run_dir and debug=true through the real CLI."""
 import json
 import tempfile
 from pathlib import Path
@@ -7,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import SMALL_RUN, error_lines, mixed_documents, run_cli, write_jsonl
+from conftest import (SMALL_RUN, error_lines, mixed_documents, run_cli, run_config_checks, run_in_process,
+                      write_jsonl)
 from pipeline.distributed import LaunchInfo
 
 DOCS = mixed_documents(200)
@@ -26,12 +29,12 @@ def test_every_input_format_gives_the_same_documents(tmp_path):
         (folder / "txt").mkdir(exist_ok=True)
         (folder / "txt" / f"{i:03d}.txt").write_text(d)
     # jsonl uses "text", json and parquet use "body": one run per field
-    proc = run_cli(f"run_dir={tmp_path / 'r1'}", f"data.paths=[{folder}/a.jsonl,{folder}/txt]", *SMALL_RUN,
-                   "tokenizer.vocab_size=400")
+    proc = run_in_process(f"run_dir={tmp_path / 'r1'}", f"data.paths=[{folder}/a.jsonl,{folder}/txt]", *SMALL_RUN,
+                          "tokenizer.vocab_size=400")
     assert proc.returncode == 0, proc.stderr
     assert manifest(tmp_path / "r1")["corpus"]["documents"] == 100  # a txt file is one document
-    proc = run_cli(f"run_dir={tmp_path / 'r2'}", f"data.paths=['{folder}/*.json',{folder}/c.parquet]", *SMALL_RUN,
-                   "data.text_field=body", "tokenizer.vocab_size=400")
+    proc = run_in_process(f"run_dir={tmp_path / 'r2'}", f"data.paths=['{folder}/*.json',{folder}/c.parquet]",
+                          *SMALL_RUN, "data.text_field=body", "tokenizer.vocab_size=400")
     assert proc.returncode == 0, proc.stderr
     assert manifest(tmp_path / "r2")["corpus"]["documents"] == 100
 
@@ -39,9 +42,9 @@ def test_every_input_format_gives_the_same_documents(tmp_path):
 def test_blank_line_split_of_text_files(tmp_path):
     (tmp_path / "t.txt").write_text("\n\n".join(DOCS))
     common = (f"data.paths=[{tmp_path / 't.txt'}]", *SMALL_RUN, "tokenizer.vocab_size=400")
-    assert run_cli(f"run_dir={tmp_path / 'whole'}", *common).returncode == 0
+    assert run_in_process(f"run_dir={tmp_path / 'whole'}", *common).returncode == 0
     assert manifest(tmp_path / "whole")["corpus"]["documents"] == 1
-    assert run_cli(f"run_dir={tmp_path / 'split'}", *common, "data.split_on_blank_lines=true").returncode == 0
+    assert run_in_process(f"run_dir={tmp_path / 'split'}", *common, "data.split_on_blank_lines=true").returncode == 0
     assert manifest(tmp_path / "split")["corpus"]["documents"] >= len(DOCS)
 
 
@@ -50,8 +53,8 @@ def test_invalid_utf8_nul_and_empty_documents_are_counted_not_fatal(tmp_path):
     (tmp_path / "a.jsonl").write_bytes(good + b'{"text": "bad \xff\xfe bytes"}\n{"text": "nul \\u0000 here"}\n'
                                        b'{"text": ""}\n{"text": "   "}\n{"text": null}\n')
     (tmp_path / "b.txt").write_bytes(b"text file \xc3\x28 broken")
-    proc = run_cli(f"run_dir={tmp_path / 'run'}", f"data.paths=[{tmp_path}/a.jsonl,{tmp_path}/b.txt]",
-                   *SMALL_RUN, "tokenizer.vocab_size=400")
+    proc = run_in_process(f"run_dir={tmp_path / 'run'}", f"data.paths=[{tmp_path}/a.jsonl,{tmp_path}/b.txt]",
+                          *SMALL_RUN, "tokenizer.vocab_size=400")
     assert proc.returncode == 0, proc.stderr
     corpus = manifest(tmp_path / "run")["corpus"]
     assert corpus["skipped_empty"] == 3
@@ -93,14 +96,16 @@ def bad_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
 
 with tempfile.TemporaryDirectory() as _scratch:  # bad_cases writes its files: not into / at collection
     CASES = sorted(bad_cases(Path(_scratch)).keys())
+# refused by Hydra's composition or by validate() before run_dir is created: no process needed
+CONFIG_CASES = {"unknown model type", "vocab below bytes", "unknown key", "mistyped value", "unknown stage",
+                "unknown data option", "bad worker index"}
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_bad_input_gives_one_error_line_and_no_artifact(tmp_path, case):
+def assert_one_error_line_and_no_artifact(tmp_path: Path, case: str, run) -> None:
     overrides, phrase = bad_cases(tmp_path)[case]
     run_dir = tmp_path / "run"
     stages = [] if any(o.startswith("stages=") for o in overrides) else ["stages=[tokenize,shard]"]
-    proc = run_cli(f"run_dir={run_dir}", "data=files", "tokenizer.vocab_size=400", *stages, *overrides)
+    proc = run(f"run_dir={run_dir}", "data=files", "tokenizer.vocab_size=400", *stages, *overrides)
     assert proc.returncode != 0
     errors = error_lines(proc)
     assert len(errors) == 1, proc.stderr
@@ -111,6 +116,25 @@ def test_bad_input_gives_one_error_line_and_no_artifact(tmp_path, case):
     assert not list(run_dir.glob("stages/*.json"))
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c in CONFIG_CASES])
+def test_bad_config_gives_one_error_line_and_no_artifact(tmp_path, case):
+    assert_one_error_line_and_no_artifact(tmp_path, case, run_config_checks)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c not in CONFIG_CASES])
+def test_bad_input_gives_one_error_line_and_no_artifact(tmp_path, case):
+    """In-process (run_in_process: the entry point and the runner as the CLI runs them); three cases through
+    the real CLI below as well."""
+    assert_one_error_line_and_no_artifact(tmp_path, case, run_in_process)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["missing path", "malformed json", "not a sentencepiece model"])
+def test_bad_input_through_the_real_cli(tmp_path, case):
+    assert_one_error_line_and_no_artifact(tmp_path, case, run_cli)
+
+
+@pytest.mark.slow
 def test_unwritable_run_dir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -118,6 +142,7 @@ def test_unwritable_run_dir(tmp_path):
     assert proc.returncode != 0 and len(error_lines(proc)) == 1 and "run_dir" in error_lines(proc)[0]
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(tmp_path):
     proc = run_cli(f"run_dir={tmp_path}", "data=files", f"data.paths=[{tmp_path}/none.txt]",
                    "stages=[tokenize]", "debug=true")

@@ -42,6 +42,7 @@ def default_docs(default_out) -> list[str]:
     return [row["text"] for row in read_jsonl(default_out[1].corpus_path)]
 
 
+@pytest.mark.slow
 def test_same_seed_is_byte_identical_across_processes(tmp_path, default_out):
     out, _ = default_out
     again = tmp_path / "again"

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported:
 import pytest
 import torch
 
-from conftest import ADVERSARIAL, ROOT, run_cli
+from conftest import ADVERSARIAL, ROOT, ZERO_STEPS
 from pipeline import export as ex
 from pipeline.chat import render
 from pipeline.checkpoint import RECORD, find_resumable, tag_for
@@ -25,10 +25,6 @@ from pipeline.hf_llama import expected_shapes, from_hf_state_dict
 from pipeline.layout import RunLayout
 from pipeline.model import Transformer, generate
 from pipeline.vocab import load_tokenizer
-
-TINY = ("model=tiny", "train.seq_len=64", "train.micro_batch_size=2", "train.global_batch_size=8",
-        "train.log_interval=1", "train.warmup_steps=2", "train.lr=3e-3", "train.eval_batches=2",
-        "train.max_steps=6", "train.eval_interval=3", "train.save_interval=3", "launch.nproc_per_node=2")
 
 MORE_TEXT = [
     "\t\t\tdeep\n\t\t\t\tdeeper\n", " leading space", "  two leading spaces", "trailing space ", "a  b   c    d     e",
@@ -90,21 +86,17 @@ def assert_same_greedy_generation(ours: Transformer, hf, sp) -> None:
         assert theirs == mine, (text, mine, theirs)
 
 
-# -- DeepSpeed-trained checkpoints (slow: 2 CPU ranks through the real CLI) -------------------------------
+# -- DeepSpeed-trained checkpoints (slow: conftest's zero_run, trained on 2 CPU ranks) ------------------------
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_run):
-    """trained(zero, precision): a run dir pretrained 6 steps (checkpoints at 3 and 6), made once."""
+def trained(tmp_path_factory, zero_run):
+    """trained(zero, precision): a copy (exports are written into it) of conftest's zero_run, the run that
+    test_pretrain checks the training of: ZERO_STEPS steps, one checkpoint at the last."""
     runs = {}
 
     def get(zero: str, precision: str) -> Path:
         if (zero, precision) not in runs:
-            run_dir = tmp_path_factory.mktemp(f"{zero}-{precision}")
-            for name in ("tokenizer", "shards"):
-                shutil.copytree(data_run / name, run_dir / name)
-            proc = run_cli(f"run_dir={run_dir}", "stages=[pretrain]", *TINY, f"deepspeed={zero}",
-                           f"precision={precision}")
-            assert proc.returncode == 0, proc.stderr[-4000:]
-            runs[zero, precision] = run_dir
+            runs[zero, precision] = Path(shutil.copytree(zero_run(zero, precision),
+                                                         tmp_path_factory.mktemp(f"{zero}-{precision}") / "run"))
         return runs[zero, precision]
 
     return get
@@ -151,8 +143,10 @@ def test_zero3_export_matches_our_model(trained):
     final_loss = next(r["loss"] for r in reversed(last) if r.get("loss") is not None)
     from pipeline.fsutil import sha256_file
 
-    for expected in ("step_00000006 (step 6)", f"{6 * 8 * 64:,}", sha256_file(run_dir / "shards" / "manifest.json"),
-                     f"{final_loss:.4f} (step 6)", "deepspeed:", "stage: 3"):
+    steps = ZERO_STEPS
+    for expected in (f"step_{steps:08d} (step {steps})", f"{steps * 8 * 64:,}",
+                     sha256_file(run_dir / "shards" / "manifest.json"), f"{final_loss:.4f} (step {steps})",
+                     "deepspeed:", "stage: 3"):
         assert expected in card, expected
 
 

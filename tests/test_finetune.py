@@ -1,17 +1,18 @@
 """The finetune stage: SFT records → masked ChatML sequences, packing, the loader, bad input, and end to end
-(pretrain the tiny model on the built-in world, fine-tune it, exact match before < after)."""
+(pretrain the tiny model on the built-in world, fine-tune it, exact match before < after). The pretrained run
+is conftest's builtin_pretrained (test_pretrain checks its pretraining); the fine-tunes run on 2 ranks
+without the CLI (run_on_ranks). Bad SFT input through a run is in test_bad_inputs.py."""
 from __future__ import annotations
 
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import error_lines, mixed_documents, run_cli, write_jsonl
+from conftest import BUILTIN, BUILTIN_STEPS, mixed_documents, run_in_process, run_on_ranks, write_jsonl
 from pipeline.chat import IM_END, render
 from pipeline.errors import PipelineError
 from pipeline import sft_data as S
@@ -220,16 +221,15 @@ def test_exact_match_questions_end_with_the_generation_prompt(tmp_path, sp):
 
 # -- the stage, through the CLI (2 CPU ranks) ---------------------------------------------------------
 
-PRETRAIN_STEPS, FINETUNE_STEPS, QUESTIONS = 200, 100, 300
-TINY = ("model=tiny", "launch.nproc_per_node=2")
-PRETRAIN = (f"train.max_steps={PRETRAIN_STEPS}", f"train.eval_interval={PRETRAIN_STEPS}",
-            f"train.save_interval={PRETRAIN_STEPS}", "train.log_interval=50")
+FINETUNE_STEPS, QUESTIONS = 100, 300
 FINETUNE = (f"finetune.max_steps={FINETUNE_STEPS}", "finetune.log_interval=25", "finetune.eval_interval=50",
             f"finetune.save_interval={FINETUNE_STEPS}", f"finetune.eval_exact_match={QUESTIONS}")
 
 
-def finetune_cli(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return run_cli(f"run_dir={run_dir}", "stages=[finetune]", *TINY, *overrides)
+def finetune_on_ranks(run_dir: Path, *overrides: str) -> str:
+    """`python -m pipeline stages=[finetune]` on 2 ranks without the CLI (conftest.run_on_ranks); returns what
+    they logged."""
+    return run_on_ranks(f"run_dir={run_dir}", "stages=[finetune]", *BUILTIN, *overrides)
 
 
 def metric_records(run_dir: Path, key: str) -> list[dict]:
@@ -242,12 +242,10 @@ def exact_match_records(run_dir: Path) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> Path:
-    """The built-in world, pretrained long enough for the tiny model to hold some of its facts."""
-    run_dir = tmp_path_factory.mktemp("pretrained")
-    proc = run_cli(f"run_dir={run_dir}", "stages=[tokenize,shard,pretrain]", *TINY, *PRETRAIN)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return run_dir
+def pretrained(builtin_pretrained) -> Path:
+    """conftest's builtin_pretrained: the built-in world, pretrained long enough for the tiny model to hold
+    some of its facts (copy_run it before writing)."""
+    return builtin_pretrained
 
 
 def copy_run(source: Path, target: Path, parts=("tokenizer", "shards", "data", "pretrain", "stages")) -> Path:
@@ -289,8 +287,7 @@ def test_finetuning_teaches_the_answer_format(pretrained, tmp_path):
     from pipeline.layout import RunLayout
 
     run_dir = copy_run(pretrained, tmp_path)
-    proc = finetune_cli(run_dir, *FINETUNE)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    logged = finetune_on_ranks(run_dir, *FINETUNE)
     em = exact_match_records(run_dir)
     assert em["before"]["step"] == 0 and em["after"]["step"] == FINETUNE_STEPS
     assert em["before"]["exact_match_total"] == em["after"]["exact_match_total"] == QUESTIONS
@@ -303,21 +300,19 @@ def test_finetuning_teaches_the_answer_format(pretrained, tmp_path):
         formed[when] = np.mean([well_formed(answer_kind(r["prompt"].splitlines()[-1]), r["answer"]) for r in rows])
     summary = {when: {k: em[when][f"exact_match{k}"] for k in ("", "_reading", "_recall")} for when in em}
     print(f"exact match on {QUESTIONS} held-out questions (all, reading, recall): {summary}; well-formed answers: "
-          f"{formed} (pretrain {PRETRAIN_STEPS} steps, finetune {FINETUNE_STEPS} steps)")
+          f"{formed} (pretrain {BUILTIN_STEPS} steps, finetune {FINETUNE_STEPS} steps)")
     assert formed["after"] >= 0.5 and formed["after"] >= formed["before"] + 0.4, formed
     assert em["after"]["exact_match_correct"] >= em["before"]["exact_match_correct"] + 3, summary
-    assert f"exact match on {QUESTIONS} held-out questions: before" in proc.stdout + proc.stderr
+    assert f"exact match on {QUESTIONS} held-out questions: before" in logged
     assert (run_dir / "finetune" / "checkpoints" / f"step_{FINETUNE_STEPS:08d}" / "complete.json").is_file()
     assert metric_records(run_dir, "val_loss")
 
     # a longer fine-tune resumes from its own checkpoint, not from init (gone here)
     shutil.rmtree(run_dir / "pretrain")
-    proc = finetune_cli(run_dir, *FINETUNE[:-1], f"finetune.max_steps={FINETUNE_STEPS + 2}",
-                        "finetune.eval_exact_match=8")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert f"resumed from {run_dir / 'finetune' / 'checkpoints' / f'step_{FINETUNE_STEPS:08d}'}" in \
-        proc.stdout + proc.stderr
-    assert "not measured (resumed run)" in proc.stdout + proc.stderr
+    logged = finetune_on_ranks(run_dir, *FINETUNE[:-1], f"finetune.max_steps={FINETUNE_STEPS + 2}",
+                               "finetune.eval_exact_match=8")
+    assert f"resumed from {run_dir / 'finetune' / 'checkpoints' / f'step_{FINETUNE_STEPS:08d}'}" in logged
+    assert "not measured (resumed run)" in logged
 
 
 @pytest.mark.slow
@@ -326,7 +321,7 @@ def test_init_from_an_hf_export_or_a_zero2_checkpoint_into_zero3(pretrained, tmp
     ZeRO 2 pretrain checkpoint (consolidated, into ZeRO 3) or from the export stage's HF folder (safetensors);
     exact match runs before and after under ZeRO 3 without disturbing training."""
     exported = copy_run(pretrained, tmp_path / "exported")
-    proc = run_cli(f"run_dir={exported}", "stages=[export]", "export.source=pretrain", "export.dtype=float32")
+    proc = run_in_process(f"run_dir={exported}", "stages=[export]", "export.source=pretrain", "export.dtype=float32")
     assert proc.returncode == 0, proc.stderr[-4000:]
     losses = {}
     sources = {"zero3": f"pretrain weights {tmp_path / 'zero3' / 'pretrain' / 'checkpoints'}",
@@ -335,31 +330,9 @@ def test_init_from_an_hf_export_or_a_zero2_checkpoint_into_zero3(pretrained, tmp
                             "hf_zero3": ("deepspeed=zero3", f"finetune.init={exported / 'export' / 'pretrain'}")
                             }.items():
         run_dir = copy_run(pretrained, tmp_path / name)
-        proc = finetune_cli(run_dir, *overrides, "precision=fp32", "finetune.max_steps=3", "finetune.log_interval=1",
-                            "finetune.eval_exact_match=16")
-        assert proc.returncode == 0, proc.stderr[-4000:]
+        logged = finetune_on_ranks(run_dir, *overrides, "precision=fp32", "finetune.max_steps=3",
+                                   "finetune.log_interval=1", "finetune.eval_exact_match=16")
         losses[name] = [r["loss"] for r in metric_records(run_dir, "loss")]
         assert len(losses[name]) == 3 and exact_match_records(run_dir)["after"]["exact_match_total"] == 16
-        assert f"from {sources[name]}" in proc.stdout + proc.stderr  # the weights came from where asked
+        assert f"from {sources[name]}" in logged  # the weights came from where asked
     assert losses["hf_zero3"][0] == pytest.approx(losses["zero3"][0], rel=1e-5), losses
-
-
-@pytest.mark.slow
-def test_bad_finetune_input_gives_one_error_line(pretrained, tmp_path):
-    run_dir = copy_run(pretrained, tmp_path / "run")
-    no_answer = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "q", "response": "a"}, {"prompt": "q2"}])
-    unknown = write_jsonl(tmp_path / "text.jsonl", [{"text": "pretraining text, not an instruction"}])
-    gpt2 = tmp_path / "gpt2"
-    gpt2.mkdir()
-    (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-                                                  "vocab_size": 50257, "n_embd": 768, "n_layer": 12}))
-    no_pretrain = copy_run(pretrained, tmp_path / "no_pretrain", parts=("tokenizer", "data"))
-    cases = [(run_dir, (f"finetune.data.paths=[{no_answer}]",),
-              f"{no_answer}, record 1 (counting from 0) has no assistant turn"),
-             (run_dir, (f"finetune.data.paths=[{unknown}]",), "has an unknown shape (fields: ['text']); accepted"),
-             (run_dir, (f"finetune.init={gpt2}",), "is not a LlamaForCausalLM export"),
-             (no_pretrain, (), "no complete pretrain checkpoint")]
-    for where, overrides, phrase in cases:
-        proc = finetune_cli(where, *overrides)
-        assert proc.returncode != 0
-        assert len(error_lines(proc)) == 1 and phrase in error_lines(proc)[0], proc.stderr[-3000:]

@@ -15,15 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, SMALL_RUN, error_lines, run_cli
+from conftest import (ROOT, SMALL_RUN, STEPS, TINY, error_lines, fresh_run, kill_tree, records, run_cli,
+                      split_documents, write_jsonl)
 from pipeline.local_launch import _failure, free_port
-from test_pretrain import TINY, fresh_run, kill_tree, records
-from test_shard import split_documents
 
 LAUNCH = ROOT / "launch"
 FAKE_SLURM = Path(__file__).resolve().parent / "fake_slurm"
-# a few fp32 steps with an eval at the end: the curves of different launchers must agree
-STEPS = ("deepspeed=zero2", "precision=fp32", "train.max_steps=4", "train.eval_interval=4", "train.save_interval=4")
 
 
 def script_env(**extra: str) -> dict[str, str]:
@@ -139,6 +136,7 @@ def test_deepspeed_script_command_line(tmp_path):
 
 # -- shard job array --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_shard_array_parts_and_merge_equal_a_single_process_run(tmp_path, small_run, small_corpus):
     run_dir = tmp_path / "run"
     shutil.copytree(small_run / "tokenizer", run_dir / "tokenizer")
@@ -169,15 +167,10 @@ def curve(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def one_node_curve(tmp_path_factory, small_run) -> dict[int, float]:
-    """The reference: 2 local ranks started by the pipeline itself (not under a launcher)."""
-    run_dir = fresh_run(small_run, tmp_path_factory.mktemp("one_node"))
-    proc = run_cli(f"run_dir={run_dir}", "stages=[pretrain]", *TINY, *STEPS, "launch.nproc_per_node=2")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "2 ranks ×" in proc.stdout and f"report in {run_dir / 'report' / 'report.md'}" in proc.stdout
-    assert proc.stdout.count("run finished:") == 1  # the local ranks leave the report to this process
-    assert "final val loss" in (run_dir / "report" / "report.md").read_text()
-    return curve(run_dir)
+def one_node_curve(two_local_ranks) -> dict[int, float]:
+    """The reference: conftest's two_local_ranks, 2 local ranks started by the pipeline itself (not under a
+    launcher); the fixture checks its report and that the local ranks left the report to the launching process."""
+    return curve(two_local_ranks)
 
 
 @pytest.mark.slow

@@ -1,10 +1,10 @@
 """Preemption and failing peers, for real: 2 CPU ranks started by `python -m pipeline` itself, signalled
-or killed mid-pretraining (the rank processes are found with psutil)."""
+or killed mid-pretraining (the rank processes are found with psutil). Fast: the agreement the ranks reach,
+on 2 ranks without the CLI (run_distributed_test)."""
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,24 +14,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, TINY, fresh_run, run_cli
+from distributed import run_distributed_test
 
-pytestmark = pytest.mark.slow
-
-TINY = ("model=tiny", "train.seq_len=64", "train.micro_batch_size=2", "train.global_batch_size=8",
-        "train.log_interval=1", "train.warmup_steps=5", "train.eval_interval=1000", "train.save_interval=1000",
-        "launch.nproc_per_node=2", "deepspeed=zero2", "precision=fp32")
+PREEMPTIBLE = ("train.eval_interval=1000", "train.save_interval=1000", "launch.nproc_per_node=2", "deepspeed=zero2",
+               "precision=fp32")
 MAX_STEPS = 30
 
 
-def copy_data(small_run: Path, target: Path) -> Path:
-    for name in ("tokenizer", "shards"):
-        shutil.copytree(small_run / name, target / name)
-    return target
-
-
 def command(run_dir: Path, *overrides: str) -> list[str]:
-    return [f"run_dir={run_dir}", "stages=[pretrain]", *TINY, f"train.max_steps={MAX_STEPS}", *overrides]
+    return [f"run_dir={run_dir}", "stages=[pretrain]", *TINY, *PREEMPTIBLE, f"train.max_steps={MAX_STEPS}", *overrides]
 
 
 class Run:
@@ -125,13 +117,14 @@ def assert_preempted_with_one_checkpoint(run: Run) -> int:
 
 def running_at_step_3(tmp_path, small_run, runs, *overrides) -> Run:
     """A 2-rank pretrain launch on a copy of the small run's data, past its third step."""
-    run_dir = copy_data(small_run, tmp_path)
+    run_dir = fresh_run(small_run, tmp_path)
     run = Run(run_dir, command(run_dir, *overrides))
     runs.append(run)
     run.wait_for_step(3)
     return run
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_rank_checkpoints_all_exits_0_and_the_rerun_resumes(tmp_path, small_run, runs):
     run = running_at_step_3(tmp_path, small_run, runs)
     run_dir, args = run.run_dir, command(run.run_dir)
@@ -147,6 +140,7 @@ def test_sigterm_to_one_rank_checkpoints_all_exits_0_and_the_rerun_resumes(tmp_p
     assert (run_dir / "stages" / "pretrain.json").exists()
 
 
+@pytest.mark.slow
 def test_sigusr1_to_the_launching_process_reaches_the_ranks_and_no_later_stage_runs(tmp_path, small_run, runs):
     # export would run in this very process after pretrain, from the checkpoint the preemption wrote
     run = running_at_step_3(tmp_path, small_run, runs, "stages=[pretrain,export]", "export.source=pretrain")
@@ -158,6 +152,7 @@ def test_sigusr1_to_the_launching_process_reaches_the_ranks_and_no_later_stage_r
     assert not (run_dir / "export").exists()
 
 
+@pytest.mark.slow
 def test_a_killed_rank_makes_the_others_and_the_launcher_fail_fast(tmp_path, small_run, runs):
     run = running_at_step_3(tmp_path, small_run, runs, "launch.step_timeout_s=20")
     run_dir, ranks = run.run_dir, run.ranks()
@@ -175,6 +170,7 @@ def test_a_killed_rank_makes_the_others_and_the_launcher_fail_fast(tmp_path, sma
     assert not (run_dir / "stages" / "pretrain.json").exists()
 
 
+@pytest.mark.slow
 def test_a_hung_rank_fails_the_job_within_the_step_timeout(tmp_path, small_run, runs):
     """A stopped rank answers nothing: the others give up after launch.step_timeout_s (not the 600 s of
     launch.timeout_s that covered the first step)."""
@@ -194,3 +190,39 @@ def test_a_hung_rank_fails_the_job_within_the_step_timeout(tmp_path, small_run, 
     errors = [line for line in run.err.read_text().splitlines() if line.startswith("error:")]
     assert any("rank 0: a peer rank died or stopped responding (no answer within 8 s" in line for line in errors), \
         run.err.read_text()[-3000:]
+
+
+# -- the agreement itself: 2 ranks, no CLI --------------------------------------------------------------
+def signal_on_rank_1_stops_both_at_the_stage_boundary() -> None:
+    import torch.distributed as dist
+
+    from pipeline import control
+
+    rank = dist.get_rank()
+    control.setup(timeout_s=60, step_timeout_s=60)
+    control.install_preemption_handlers(["SIGTERM", "SIGUSR1"])
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGTERM)  # rank 0 never sees a signal: it must stop all the same
+    assert control.preempt_requested() == (signal.SIGTERM if rank == 1 else None)
+    assert control.agree({"preempt": rank == 1, "other": False}) == {"preempt": True, "other": False}
+    with pytest.raises(control.Preempted, match="preempted before stage export"):
+        control.stop_if_preempted("export")
+    control.shutdown()
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_next_stage():
+    run_distributed_test(signal_on_rank_1_stops_both_at_the_stage_boundary, world_size=2, backend="gloo")
+
+
+def rank_1_fails() -> None:
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        raise ValueError("rank 1 says no")
+    dist.barrier()  # rank 0 waits for a peer that is gone: the helper must not hang on it
+
+
+def test_a_failure_on_one_rank_fails_the_test_with_its_traceback():
+    """The helper the fast distributed tests rely on: a failing rank is not lost."""
+    with pytest.raises(AssertionError, match=r"(?s)-- rank 1 failed first:\nTraceback.*ValueError: rank 1 says no"):
+        run_distributed_test(rank_1_fails, world_size=2, timeout=120)

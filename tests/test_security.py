@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from conftest import run_cli
+from conftest import TINY, run_cli
 from pipeline.redaction import REDACTED, RedactingFilter, redact, redact_text, redact_values
 
 SECRETS = {"WANDB_API_KEY": "sekrit123", "HF_TOKEN": "hf_Zq81mSecretTokenValue", "DB_PASSWORD": "pw-hunter2-xyz",
@@ -19,9 +19,8 @@ def test_secrets_from_the_environment_appear_nowhere(tmp_path):
     DeepSpeed's JSON (which DeepSpeed pickles into every checkpoint). Then every byte below run_dir and
     the console output are searched for the values."""
     proc = run_cli(f"run_dir={tmp_path}", "stages=[tokenize,shard,pretrain,export]", "data.default_num_documents=300",
-                   "tokenizer.vocab_size=512", "data.val_fraction=0.1", "model=tiny", "train.seq_len=32",
-                   "train.micro_batch_size=2", "train.global_batch_size=4", "train.max_steps=2", "train.log_interval=1",
-                   "train.eval_interval=2", "train.eval_batches=1", "export.source=pretrain",
+                   "tokenizer.vocab_size=512", "data.val_fraction=0.1", *TINY, "train.max_steps=2",
+                   "train.eval_interval=2", "export.source=pretrain",
                    "launch.nproc_per_node=2", "logging.wandb.mode=offline",
                    "logging.wandb.api_key=${oc.env:WANDB_API_KEY}", "logging.wandb.name=run-${oc.env:HF_TOKEN}",
                    "logging.wandb.tags=[${oc.env:DB_PASSWORD}]", "+deepspeed.extra.comment=${oc.env:S3_SECRET}",

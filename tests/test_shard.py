@@ -9,24 +9,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import sentencepiece as spm
 
-from conftest import ROOT, SMALL_RUN, mixed_documents, run_cli, write_jsonl
-from mmidx_reference import independent_read
+from conftest import ROOT, SMALL_RUN, mixed_documents, run_in_process, split_documents, write_jsonl
+from distributed import free_port
 from pipeline.shard import is_validation
-
-
-def split_documents(run_dir: Path) -> dict[str, list[list[int]]]:
-    """Every document of each split, in shard order, through the independent reader."""
-    manifest = json.loads((run_dir / "shards" / "manifest.json").read_text())
-    docs = {}
-    for split, body in manifest["splits"].items():
-        docs[split] = []
-        for shard in body["shards"]:
-            dtype, seqs = independent_read(run_dir / "shards" / split / shard["prefix"])
-            assert dtype == np.dtype(manifest["dtype"])
-            docs[split] += seqs
-    return docs
 
 
 def test_shards_equal_a_direct_encode_plus_eos(small_run):
@@ -70,9 +58,9 @@ def test_byte_identical_whatever_threads_and_batches(tmp_path, small_run, small_
     digests = []
     for threads, batch_mb in ((1, 0.002), (2, 8.0)):
         run_dir = tmp_path / f"t{threads}"
-        proc = run_cli(f"run_dir={run_dir}", f"data.paths=[{small_corpus}]", *SMALL_RUN,
-                       f"tokenizer.path={tokenizer}", f"shard.encode_threads={threads}",
-                       f"shard.batch_mb={batch_mb}", "shard.shard_size_mb=0.01")
+        proc = run_in_process(f"run_dir={run_dir}", f"data.paths=[{small_corpus}]", *SMALL_RUN,
+                              f"tokenizer.path={tokenizer}", f"shard.encode_threads={threads}",
+                              f"shard.batch_mb={batch_mb}", "shard.shard_size_mb=0.01")
         assert proc.returncode == 0, proc.stderr
         digests.append(tree_digest(run_dir / "shards"))
     assert len([k for k in digests[0] if k.startswith("train/")]) > 2  # several shards were written
@@ -83,13 +71,13 @@ def test_parts_written_by_separate_jobs_merge_into_one_manifest(tmp_path, small_
     tokenizer = small_run / "tokenizer" / "tokenizer.model"
     common = (f"run_dir={tmp_path}", f"data.paths=[{small_corpus}]", *SMALL_RUN, f"tokenizer.path={tokenizer}",
               "shard.num_workers=3")
-    proc = run_cli(*common)  # merge before the parts exist
+    proc = run_in_process(*common)  # merge before the parts exist
     assert proc.returncode != 0 and "shard part 0 of 3 is missing" in proc.stderr
     for part in range(3):
-        proc = run_cli(*common, f"shard.worker_index={part}")
+        proc = run_in_process(*common, f"shard.worker_index={part}")
         assert proc.returncode == 0, proc.stderr
         assert not (tmp_path / "shards" / "manifest.json").exists()
-    proc = run_cli(*common)
+    proc = run_in_process(*common)
     assert proc.returncode == 0, proc.stderr
     merged, single = split_documents(tmp_path), split_documents(small_run)
     for split in ("train", "val"):
@@ -98,11 +86,12 @@ def test_parts_written_by_separate_jobs_merge_into_one_manifest(tmp_path, small_
     assert manifest["num_parts"] == 3 and not (tmp_path / "shards.parts").exists()
 
 
+@pytest.mark.slow
 def test_killed_run_leaves_nothing_complete_and_rerun_finishes(tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in mixed_documents(400) * 30])
     run_dir = tmp_path / "run"
     args = (f"run_dir={run_dir}", f"data.paths=[{corpus}]", *SMALL_RUN)
-    assert run_cli(*args[:-1], "stages=[tokenize]").returncode == 0
+    assert run_in_process(*args[:-1], "stages=[tokenize]").returncode == 0
     slow = ("shard.encode_threads=1", "shard.batch_mb=0.01", "shard.shard_size_mb=0.05")
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, *slow], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -114,7 +103,8 @@ def test_killed_run_leaves_nothing_complete_and_rerun_finishes(tmp_path):
     assert list((run_dir / "shards.tmp").glob("train/*.idx")), "the run finished before it could be killed"
     assert not (run_dir / "shards").exists()
     assert not (run_dir / "stages" / "shard.json").exists()
-    proc = run_cli(*args, *slow)
+    # the same stage inputs (shard size); batches and threads, which change no output byte, back to defaults
+    proc = run_in_process(*args, slow[-1])
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((run_dir / "shards" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 12000
@@ -123,24 +113,25 @@ def test_killed_run_leaves_nothing_complete_and_rerun_finishes(tmp_path):
 
 def test_complete_stages_are_skipped_and_changed_ones_rerun(tmp_path, small_corpus):
     args = (f"run_dir={tmp_path}", f"data.paths=[{small_corpus}]", *SMALL_RUN)
-    assert run_cli(*args).returncode == 0
+    assert run_in_process(*args).returncode == 0
     manifest_mtime = (tmp_path / "shards" / "manifest.json").stat().st_mtime_ns
-    proc = run_cli(*args)
+    proc = run_in_process(*args)
     assert proc.stdout.count("complete and unchanged, skipped") == 2
     assert (tmp_path / "shards" / "manifest.json").stat().st_mtime_ns == manifest_mtime
-    proc = run_cli(*args, "data.val_fraction=0.2")  # the split changed: shard reruns, tokenize does not
+    proc = run_in_process(*args, "data.val_fraction=0.2")  # the split changed: shard reruns, tokenize does not
     assert "tokenize: complete and unchanged" in proc.stdout and "shard: running" in proc.stdout
-    proc = run_cli(*args, "data.val_fraction=0.2", "force=true")
+    proc = run_in_process(*args, "data.val_fraction=0.2", "force=true")
     assert "tokenize: running" in proc.stdout and "shard: running" in proc.stdout
     (tmp_path / "shards" / "val" / "00000.bin").write_bytes(b"damaged")  # a damaged output is rebuilt
-    proc = run_cli(*args, "data.val_fraction=0.2")
+    proc = run_in_process(*args, "data.val_fraction=0.2")
     assert "shard: running" in proc.stdout and proc.returncode == 0
 
 
+@pytest.mark.slow
 def test_data_stages_under_torchrun_split_the_work_and_merge(tmp_path, small_run, small_corpus):
     """Two ranks from launch/torchrun.sh: rank 0 trains the tokenizer, each rank encodes its part,
     rank 0 merges; the result holds the same documents as a single-process run."""
-    env = {**os.environ, "NPROC_PER_NODE": "2", "MASTER_PORT": "29517", "WANDB_MODE": "disabled"}
+    env = {**os.environ, "NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port()), "WANDB_MODE": "disabled"}
     proc = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), f"run_dir={tmp_path}",
                            f"data.paths=[{small_corpus}]", *SMALL_RUN], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)

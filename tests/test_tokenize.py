@@ -4,7 +4,7 @@ import hashlib
 import pytest
 import sentencepiece as spm
 
-from conftest import ADVERSARIAL, mixed_documents, run_cli, write_jsonl
+from conftest import ADVERSARIAL, mixed_documents, run_in_process, write_jsonl
 from pipeline.indexed import IndexedDataset
 from pipeline.tokenizer import training_chunks
 from pipeline.vocab import CHAT_TOKENS
@@ -54,8 +54,8 @@ def test_training_chunks_keep_newlines_and_cut_long_lines():
 
 
 def test_unigram_model_trains(tmp_path, small_corpus):
-    proc = run_cli(f"run_dir={tmp_path}", "data=files", f"data.paths=[{small_corpus}]", "stages=[tokenize]",
-                   "tokenizer.model_type=unigram", "tokenizer.vocab_size=350")
+    proc = run_in_process(f"run_dir={tmp_path}", "data=files", f"data.paths=[{small_corpus}]", "stages=[tokenize]",
+                          "tokenizer.model_type=unigram", "tokenizer.vocab_size=350")
     assert proc.returncode == 0, proc.stderr
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer" / "tokenizer.model"))
     assert sp.get_piece_size() == 350
@@ -65,19 +65,21 @@ def test_unigram_model_trains(tmp_path, small_corpus):
 
 def test_tokenizer_path_reuses_the_model(tmp_path, small_run, small_corpus):
     given = small_run / "tokenizer" / "tokenizer.model"
-    proc = run_cli(f"run_dir={tmp_path}", "data=files", f"data.paths=[{small_corpus}]", "stages=[tokenize,shard]",
-                   f"tokenizer.path={given}", "tokenizer.vocab_size=999999")  # vocab_size unused when reusing
+    proc = run_in_process(f"run_dir={tmp_path}", "data=files", f"data.paths=[{small_corpus}]",
+                          "stages=[tokenize,shard]", f"tokenizer.path={given}",
+                          "tokenizer.vocab_size=999999")  # vocab_size unused when reusing
     assert proc.returncode == 0, proc.stderr
     copied = tmp_path / "tokenizer" / "tokenizer.model"
     assert hashlib.sha256(copied.read_bytes()).digest() == hashlib.sha256(given.read_bytes()).digest()
     assert "reading" not in proc.stderr  # no pass over the corpus for training
 
 
+@pytest.mark.slow
 def test_long_single_line_trains_and_encodes(tmp_path):
     line = ("word" + "x" * 7 + " ") * (10 * 1024 * 1024 // 12)  # one 10 MB line
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": line}] + [{"text": d} for d in mixed_documents(200)])
-    proc = run_cli(f"run_dir={tmp_path / 'run'}", "data=files", f"data.paths=[{corpus}]", "stages=[tokenize,shard]",
-                   "tokenizer.vocab_size=400", "data.val_fraction=0")
+    proc = run_in_process(f"run_dir={tmp_path / 'run'}", "data=files", f"data.paths=[{corpus}]",
+                          "stages=[tokenize,shard]", "tokenizer.vocab_size=400", "data.val_fraction=0")
     assert proc.returncode == 0, proc.stderr
     first = IndexedDataset(tmp_path / "run" / "shards" / "train" / "00000")[0]
     assert first[-1] == 2 and len(first) > len(line) // 12  # the whole line, then EOS
