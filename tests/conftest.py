@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
@@ -411,3 +412,74 @@ def builtin_pretrained(tmp_path_factory) -> Path:
     assert proc.returncode == 0, proc.stderr[-4000:]
     run_on_ranks(*command, "stages=[pretrain]")
     return run_dir
+
+
+# -- checkpoints and background launches, for the fault and optimizer tests ---------------------------------
+def checkpoints(run_dir: Path) -> Path:
+    return run_dir / "pretrain" / "checkpoints"
+
+
+class Launch:
+    """One `python -m pipeline` run in the background; output in files (a full pipe would stall it)."""
+
+    def __init__(self, run_dir: Path, args: tuple[str, ...], env: dict | None, name: str):
+        self.out, self.err = run_dir / f"{name}.out", run_dir / f"{name}.err"
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "pipeline", f"run_dir={run_dir}", "stages=[pretrain]",
+                                          *TINY, *args], cwd=ROOT, stdout=out, stderr=err,
+                                         env={**os.environ, "WANDB_MODE": "disabled", **(env or {})})
+
+    def finish(self, kill_when: Callable[[], bool] | None = None, timeout: float = 180) -> int:
+        """Wait for the run to end; SIGKILL its whole process tree as soon as `kill_when()` holds."""
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            if kill_when is not None and kill_when():
+                kill_tree(self.proc.pid)
+                break
+            assert time.monotonic() < deadline, f"no end within {timeout} s: {self.err.read_text()[-2000:]}"
+            time.sleep(0.005)
+        return self.proc.wait()
+
+    @property
+    def stdout(self) -> str:
+        return self.out.read_text()
+
+
+def tensors(path: Path) -> list:
+    """Every tensor in a DeepSpeed checkpoint file (our own files: trusted pickles), in a fixed order."""
+    import torch
+
+    found: list = []
+
+    def walk(node):
+        if isinstance(node, torch.Tensor):
+            found.append(node)
+        elif isinstance(node, dict):
+            for key in sorted(node, key=str):
+                walk(node[key])
+        elif isinstance(node, (list, tuple)):
+            for item in node:
+                walk(item)
+    walk(torch.load(path, map_location="cpu", weights_only=False))
+    return found
+
+
+def same_state(run_dir: Path, a: int, b: int, pattern: str) -> bool:
+    """Weights and optimizer state (Adam's moments and step count) of checkpoints a and b, bit for bit,
+    in every file matching `pattern` (one per rank for ZeRO's partitions)."""
+    import torch
+
+    from pipeline.checkpoint import tag_for
+
+    files = sorted((checkpoints(run_dir) / tag_for(a)).glob(pattern))
+    assert files
+    for file in files:
+        left, right = tensors(file), tensors(checkpoints(run_dir) / tag_for(b) / file.name)
+        if len(left) != len(right) or not all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(left, right)):
+            return False
+    return True
+
+
+def skip_records(run_dir: Path) -> dict[int, dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if "skipped_update" in r}

@@ -114,8 +114,9 @@ def test_unsupported_combinations_end_with_one_error_line(tmp_path):
 
 
 # -- for real: 2 CPU ranks -------------------------------------------------------------------------------
-from test_pretrain import TINY, fresh_run, pretrain, records  # noqa: E402
-from test_faults import Launch, checkpoints, same_state, skip_records, tensors  # noqa: E402
+from conftest import (TINY, Launch, checkpoints, fresh_run, records, same_state, skip_records,  # noqa: E402
+                      tensors)
+from conftest import pretrain_cli as pretrain  # noqa: E402
 
 
 def momentum(run_dir, step: int) -> list[torch.Tensor]:
