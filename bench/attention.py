@@ -1,10 +1,11 @@
 """Masked attention: the step time of a forward + backward with segment ids (a block-diagonal causal
 mask) against the same model and tokens without them (plain causal attention).
 
-`segments=` is how the model isolates packed fine-tuning examples (and what document masking in
-pretraining would pass): each position attends only to earlier positions of its own segment. With a
-mask, scaled_dot_product_attention cannot use the flash kernel, which takes only is_causal; this
-measures what that costs at a given shape. The --model preset is built with bf16 parameters (as
+`attention_mask.build(segments, kind)` is how training isolates packed fine-tuning examples and documents
+(train.document_mask): each position attends only to earlier positions of its own segment. The mask is
+built every step, as the trainer does. Kinds: "dense", a [B, 1, T, T] mask that takes
+scaled_dot_product_attention off the flash kernel (which takes only is_causal), and on CUDA "flex", a
+FlexAttention block mask with compiled flex_attention; this measures what each costs at a given shape. The --model preset is built with bf16 parameters (as
 DeepSpeed's bf16 mode trains) on --device; each row of the batch is cut into documents whose lengths
 are drawn uniformly from 1 to 2 × --doc-len − 1 (mean --doc-len). The two variants alternate step by
 step (after --warmup steps each), each step timed with time.perf_counter() after a device synchronize;
@@ -31,6 +32,7 @@ import torch  # noqa: E402
 
 from bench.common import hardware, print_table, record  # noqa: E402
 from bench.train import load_model_config, paired_overhead, quantile, sync  # noqa: E402
+from pipeline import attention_mask  # noqa: E402
 from pipeline.model import Transformer  # noqa: E402
 
 
@@ -83,7 +85,9 @@ def main() -> None:
     tokens = torch.randint(3, args.vocab, (args.micro_batch, args.seq_len + 1), generator=g)
     inputs, labels = tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
     segments = document_segments(args.micro_batch, args.seq_len, args.doc_len, g).to(device)
-    variants = {"causal": None, "masked": segments}
+    variants = {"causal": None, "dense": attention_mask.DENSE}
+    if device.type == "cuda":  # FlexAttention has no backward on CPU
+        variants["flex"] = attention_mask.FLEX
     times = {name: [] for name in variants}
     peaks = {}
     for i in range(args.warmup + args.steps):
@@ -92,7 +96,9 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats(device)
             sync(device)
             start = time.perf_counter()
-            _, loss = model(inputs, labels, segments=variants[name])
+            kind = variants[name]
+            mask = None if kind is None else attention_mask.build(segments, kind)
+            _, loss = model(inputs, labels, mask=mask)
             loss.backward()
             sync(device)
             seconds = time.perf_counter() - start
@@ -103,12 +109,14 @@ def main() -> None:
                 peaks[name] = torch.cuda.max_memory_allocated(device) / 2**30
 
     tokens_per_step = args.micro_batch * args.seq_len
-    paired, low, high = paired_overhead(times["masked"], times["causal"])
     rows = []
     for name, seconds in times.items():
         median = statistics.median(seconds)
+        paired, low, high = paired_overhead(seconds, times["causal"]) if name != "causal" else (0, 0, 0)
+        what = {"causal": "causal (no mask)", "dense": "segments, dense [B,1,T,T] mask (SDPA)",
+                "flex": "segments, FlexAttention block mask"}[name]
         row = {"model": args.model, "seq_len": str(args.seq_len), "micro batch": str(args.micro_batch),
-               "attention": "segments (block-diagonal mask)" if name == "masked" else "causal (no mask)",
+               "attention": what,
                "step ms": f"{median * 1e3:.1f}",
                "p10-p90 ms": f"{quantile(seconds, 0.1) * 1e3:.1f}-{quantile(seconds, 0.9) * 1e3:.1f}",
                "tok/s": f"{tokens_per_step / median:,.0f}",

@@ -103,6 +103,8 @@ class TrainConfig:
     max_nonfinite_skips: int = 5  # consecutive skipped updates (non-finite or spike) tolerated, then stop
     spike_threshold: Optional[float] = None  # skip an update whose loss > mean + this × std of the last
     spike_window: int = 50  # ... spike_window updates; null or 0: no spike guard
+    # a token attends only to earlier tokens of its own document (documents end at EOS) within a window
+    document_mask: bool = False
 
 
 @dataclass
@@ -119,6 +121,7 @@ class FinetuneConfig(TrainConfig):
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     pack: bool = True  # several examples per sequence; the loss is on answers only
     pack_isolate: bool = True  # a packed example attends only to itself (false: to the ones before it too)
+    document_mask: bool = False  # pretraining only: fine-tuning isolates packed examples with pack_isolate
     eval_exact_match: int = 200  # held-out questions answered greedily before and after; 0: skip
     max_new_tokens: int = 16
     max_steps: int = 200
@@ -289,6 +292,9 @@ def validate_training(cfg: PipelineConfig, key: str) -> None:
     if small:
         raise PipelineError(f"{', '.join(small)}: must be at least 1")
     BatchLayout.check(t, key, world=1)  # the rank count is checked once it is known
+    if key == "finetune" and t.document_mask:
+        raise PipelineError("finetune.document_mask=true: fine-tuning isolates packed examples with "
+                            "finetune.pack_isolate=true (its default); document_mask is train.document_mask")
     if t.schedule not in SCHEDULES:
         raise PipelineError(f"{key}.schedule={t.schedule!r}: choose {', '.join(SCHEDULES)}")
     if t.verify_shards not in VERIFY_MODES:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .attention_mask import document_segments
 from .batching import BatchLayout, FixedBatches, GlobalOrder
 from .config import VERIFY_MODES
 from .errors import PipelineError
@@ -165,13 +166,18 @@ def _alloc(shape: tuple[int, ...], pin_memory: bool) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.int64, pin_memory=pin_memory)
 
 
-def _to_batch(windows: np.ndarray, pin_memory: bool) -> Batch:
-    """Windows [b, seq_len + 1] -> contiguous int64 (inputs, labels), each [b, seq_len]."""
+def _to_batch(windows: np.ndarray, pin_memory: bool, eos_id: int | None = None) -> Batch:
+    """Windows [b, seq_len + 1] -> contiguous int64 (inputs, labels), each [b, seq_len]; with eos_id
+    (train.document_mask), also each input's document within its window (attention_mask.document_segments)."""
     b, length = windows.shape
     inputs, labels = _alloc((b, length - 1), pin_memory), _alloc((b, length - 1), pin_memory)
     np.copyto(inputs.numpy(), windows[:, :-1], casting="unsafe")  # unsigned/int32 -> int64 widening
     np.copyto(labels.numpy(), windows[:, 1:], casting="unsafe")
-    return inputs, labels
+    if eos_id is None:
+        return inputs, labels
+    segments = _alloc((b, length - 1), pin_memory)
+    segments.numpy()[:] = document_segments(windows[:, :-1], eos_id)
+    return inputs, labels, segments
 
 
 def _check_pin(pin_memory: bool) -> None:
@@ -188,7 +194,8 @@ class PretrainLoader:
     """Train batches: each `next_global_batch()` is one optimizer step's data for this rank."""
 
     def __init__(self, stream: TokenStream, seq_len: int, micro_batch_size: int, global_batch_size: int,
-                 dp_rank: int = 0, dp_world: int = 1, seed: int = 0, pin_memory: bool = False):
+                 dp_rank: int = 0, dp_world: int = 1, seed: int = 0, pin_memory: bool = False,
+                 document_mask: bool = False):
         self.num_samples = num_windows(stream, seq_len)
         check_rank(dp_rank, dp_world)
         self.layout = BatchLayout(global_batch_size, micro_batch_size, dp_world, "train")
@@ -196,13 +203,14 @@ class PretrainLoader:
         self.stream, self.seq_len, self.dp_rank, self.pin_memory = stream, seq_len, dp_rank, pin_memory
         self.order = GlobalOrder(self.num_samples, self.layout, seed)
         self._windows = np.empty((micro_batch_size, seq_len + 1), stream.dtype)
+        self.eos_id = stream.eos_id if document_mask else None  # batches carry document segments
 
     def next_global_batch(self) -> list[Batch]:
-        """This rank's micro batches (inputs, labels) of the next optimizer step."""
+        """This rank's micro batches (inputs, labels[, segments]) of the next optimizer step."""
         batches = []
         for micro in self.order.rank_ids(self.order.samples_consumed, self.dp_rank):
             self.stream.gather_windows(micro * self.seq_len, self._windows)
-            batches.append(_to_batch(self._windows, self.pin_memory))
+            batches.append(_to_batch(self._windows, self.pin_memory, self.eos_id))
         self.order.advance()  # only once the whole step's data exists
         return batches
 
@@ -225,9 +233,11 @@ class PretrainLoader:
 
 
 def eval_batches(stream: TokenStream, seq_len: int, batch_size: int, num_batches: int | None = None,
-                 dp_rank: int = 0, dp_world: int = 1, pin_memory: bool = False) -> FixedBatches:
+                 dp_rank: int = 0, dp_world: int = 1, pin_memory: bool = False,
+                 document_mask: bool = False) -> FixedBatches:
     """Validation batches: the first num_batches × batch_size × dp_world windows of the split, in order
-    (batch_size is per rank: the micro batch); None: every whole batch the split holds."""
+    (batch_size is per rank: the micro batch); None: every whole batch the split holds. document_mask: the
+    batches carry document segments, as PretrainLoader's do."""
     available = num_windows(stream, seq_len)
     split = stream.fingerprint["split"]
     if available < batch_size * dp_world:
@@ -239,7 +249,7 @@ def eval_batches(stream: TokenStream, seq_len: int, batch_size: int, num_batches
 
     def make_batch(ids: np.ndarray) -> Batch:
         stream.gather_windows(ids * seq_len, windows)
-        return _to_batch(windows, pin_memory)
+        return _to_batch(windows, pin_memory, stream.eos_id if document_mask else None)
 
     batches = FixedBatches(available, batch_size, available if num_batches is None else num_batches, dp_rank,
                            dp_world, make_batch)

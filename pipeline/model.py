@@ -15,6 +15,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
+from . import attention_mask
 from .config import ModelConfig
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (the finetune stage masks prompts with it)
@@ -99,8 +100,8 @@ class Attention(nn.Module):
                 v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         S = k.shape[2]
         dropout = self.dropout if self.training else 0.0
-        if mask is not None:  # packed examples: causal within each one (no flash kernel on GPU)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, **gqa)
+        if mask is not None:  # packed documents or examples: causal within each (attention_mask.build)
+            y = attention_mask.attend(q, k, v, mask, dropout)
         elif S == T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, **gqa)
         else:
@@ -267,7 +268,7 @@ class Transformer(nn.Module):
         return [KVCache(weight.new_zeros(shape), weight.new_zeros(shape)) for _ in self.layers]
 
     def forward(self, idx: torch.Tensor, labels: torch.Tensor | None = None,
-                kv_cache: list[KVCache] | None = None, start_pos: int = 0, segments: torch.Tensor | None = None):
+                kv_cache: list[KVCache] | None = None, start_pos: int = 0, mask=None):
         """Logits [B, T, vocab] for every position of idx [B, T]; with labels, (None, loss).
 
         labels[b, t] is the token that should follow idx[b, t] (already shifted, nanoGPT style);
@@ -275,17 +276,14 @@ class Transformer(nn.Module):
         computed a chunk of positions at a time (LMHead): the full logits are never built, so none are
         returned with it.
         With kv_cache, idx holds positions start_pos .. start_pos + T - 1 and the cache the earlier ones.
-        segments [B, T] (packed fine-tuning examples): a position attends only to earlier positions of its
-        own segment. Rotary embeddings are relative, so positions need not restart at each segment.
+        mask (packed documents or fine-tuning examples): `attention_mask.build(segments, kind)`, made once per
+        batch; a position attends only to earlier positions of its own segment. Rotary embeddings are
+        relative, so positions need not restart at each segment.
         """
         T = idx.shape[1]
         if start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
-        mask = None
-        if segments is not None:
-            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
-            mask = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]  # [B, 1, T, T]
         recompute = self.cfg.activation_checkpointing and self.training and kv_cache is None
         h = self.tok_embeddings(idx)
         for i, layer in enumerate(self.layers):

@@ -17,7 +17,10 @@ log = logging.getLogger(__name__)
 def inputs(ctx: Context) -> dict:
     cfg, layout = ctx.cfg, ctx.layout
     digest = {path: sha256_file(path) if path.is_file() else "missing" for path in (layout.manifest, layout.tokenizer)}
-    return {"model": asdict(cfg.model), "train": asdict(cfg.train), "deepspeed": asdict(cfg.deepspeed),
+    train = asdict(cfg.train)
+    if not train["document_mask"]:
+        del train["document_mask"]  # the behaviour from before the key existed: such runs are not redone
+    return {"model": asdict(cfg.model), "train": train, "deepspeed": asdict(cfg.deepspeed),
             "precision": asdict(cfg.precision), "shards": digest[layout.manifest], "tokenizer": digest[layout.tokenizer],
             **optimizer_inputs(cfg.optimizer)}
 
@@ -62,13 +65,14 @@ def train_model(ctx: Context) -> None:
     train = autobatch.resolve(train, "train", model_cfg, cfg.deepspeed, cfg.precision, device)
     batch = BatchLayout.of(train, "train", world)
     loader = PretrainLoader(stream, train.seq_len, train.micro_batch_size, train.global_batch_size,
-                            dp_rank=rank, dp_world=world, seed=train.seed, pin_memory=device.type == "cuda")
+                            dp_rank=rank, dp_world=world, seed=train.seed, pin_memory=device.type == "cuda",
+                            document_mask=train.document_mask)
     val = open_split(layout.shards, "val", layout.tokenizer, verify=train.verify_shards, required=False)
     engine, num_parameters = build_engine(model_cfg, train, cfg.deepspeed, cfg.precision, device, batch.accumulation,
                                           opt=cfg.optimizer)
     # built now so that a validation split too small for one batch fails before training, not after
     eval_set = [] if val is None else eval_batches(val, train.seq_len, train.micro_batch_size, train.eval_batches,
-                                                   rank, world)
+                                                   rank, world, document_mask=train.document_mask)
     metrics = MetricsLogger(layout.run_dir, "pretrain", rank == 0, cfg.logging.wandb, ctx.resolved)
     trainer = Trainer(stage="pretrain", section="train", engine=engine, loader=loader, eval_batches=eval_set,
                       train=train, checkpoint_root=layout.checkpoints("pretrain"), metrics=metrics,

@@ -20,7 +20,7 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
-from . import control
+from . import attention_mask, control
 from .checkpointing import Checkpointer
 from .config import TrainConfig
 from .engine import update_withheld
@@ -103,6 +103,8 @@ class Trainer:
         self.checkpoints = Checkpointer(engine, checkpoint_root, train.resume, train.keep_last, metrics, stage,
                                         section)
         self.meter = StepMeter(engine, device, self.tokens_per_step, flops_per_token)
+        self.mask_kind, why = attention_mask.choose_kind(device, model_config.get("dropout", 0.0))
+        self._mask_why = f"{stage}: attention masks: {self.mask_kind} ({why})"  # logged once masks are used
 
     def resume(self) -> None:
         found = self.checkpoints.find()
@@ -203,9 +205,15 @@ class Trainer:
                                 f"rerun the same command to resume")
 
     def _forward(self, batch) -> torch.Tensor:
-        """The loss of one micro batch (inputs, labels[, segments of packed examples])."""
+        """The loss of one micro batch (inputs, labels[, segments of packed documents or examples])."""
         inputs, labels, *segments = (t.to(self.device, non_blocking=True) for t in batch)
-        _, loss = self.engine(inputs, labels, segments=segments[0] if segments else None)
+        mask = None
+        if segments:  # one mask per micro batch, shared by every layer
+            if self._mask_why:
+                log.info(self._mask_why)
+                self._mask_why = None
+            mask = attention_mask.build(segments[0], self.mask_kind)
+        _, loss = self.engine(inputs, labels, mask=mask)
         return loss
 
     @torch.no_grad()

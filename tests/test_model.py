@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from pipeline import attention_mask
 from pipeline.config import ModelConfig
 from pipeline.hf_llama import (from_hf_state_dict, hf_name, model_config_from_hf, our_name, to_hf_config,
                                to_hf_state_dict)
@@ -188,7 +189,7 @@ def test_packed_segments_see_only_themselves(checkpointing):
     packed = torch.cat([first, second, torch.zeros(1, 4, dtype=torch.long)], dim=1)
     segments = torch.tensor([[0] * 7 + [1] * 9 + [-1] * 4])
     with torch.no_grad():
-        logits = model(packed, segments=segments)
+        logits = model(packed, mask=attention_mask.build(segments, attention_mask.DENSE))
         torch.testing.assert_close(logits[:, :7], model(first), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(logits[:, 7:16], model(second), atol=1e-5, rtol=1e-5)
         assert not torch.allclose(model(packed)[:, 7:16], model(second), atol=1e-3)
