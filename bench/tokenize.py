@@ -2,6 +2,7 @@
 """Benchmark the `shard` stage against raw SentencePiece batch encoding on the same corpus and cores.
 
     python bench/tokenize.py CORPUS [--min-mb 100] [--threads N] [--repeats 3] [--vocab 8000]
+        [--shapes big many] [--file-kb 24] [--many-dir DIR]
     python bench/tokenize.py CORPUS --train [--min-mb 1000] [--threads N] [--vocab 8000]
 
 Goals (issue): shard MB/s >= 0.9 x raw `sp.encode(docs, num_threads=N)` MB/s, and shard peak RSS
@@ -12,6 +13,12 @@ the stage itself loads (datasets' streaming reader imports torch, ~2 s). "cores"
 wall time: well under --threads means the cores were shared (see the load average) or idle. A row is
 appended to bench/RESULTS.md. raw holds every document and token id in memory (~17x the corpus):
 use --shard-only for large corpora.
+
+Two corpus shapes, measured side by side (--shapes, default both): "big", one large file of small
+documents (CORPUS, repeated to --min-mb); "many", a folder of medium files, one document each, as a
+documentation or code tree is: --many-dir if given (a real one), else generated from CORPUS's text into
+bench/out/ (--min-mb of it, cut into files of --file-kb KB; 24 KB and ~5,000 files by default, the shape of
+the 141 MB documentation tree the issue measured).
 
 --train times the `tokenize` stage instead (SentencePiece training on a sample of the corpus), run as a user
 runs it, against the issue's goal of 1 GB in at most 5 minutes and 16 GB. Its corpus is repeated with
@@ -91,6 +98,30 @@ def bench_corpus(src: Path, min_mb: float, vary: bool = False) -> Path:
             f.write(chunk)
     tmp.replace(dst)
     print(f"bench corpus: {dst} ({len(records) * repeats} documents, {dst.stat().st_size / MB:.1f} MB)")
+    return dst
+
+
+def many_files_corpus(src: Path, min_mb: float, file_kb: float) -> Path:
+    """A folder under bench/out/ of .txt files of about file_kb KB, one document each, min_mb in all, cut from
+    the text of `src` (a file of the big shape), repeated as needed; made once."""
+    size = max(1, int(file_kb * 1e3))
+    count = max(2, int(min_mb * MB) // size)
+    dst = OUT / f"many-{src.stem}-{count}x{file_kb:g}kb"
+    if dst.is_dir() and dst.stat().st_mtime >= src.stat().st_mtime and len(list(dst.iterdir())) == count:
+        return dst
+    text = src.read_text(encoding="utf-8", errors="replace")
+    if src.suffix.lower() == ".jsonl":
+        text = "\n\n".join(json.loads(line).get("text", "") for line in text.splitlines() if line.strip())
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        start = (i * size) % max(1, len(text) - size)
+        (tmp / f"doc{i:05d}.txt").write_text(text[start:start + size], encoding="utf-8")
+    if dst.exists():
+        import shutil
+        shutil.rmtree(dst)
+    tmp.rename(dst)
+    print(f"bench corpus: {dst} ({count} files of {file_kb:g} KB)")
     return dst
 
 
@@ -199,6 +230,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="raw/shard pairs, alternated (default 3)")
     parser.add_argument("--vocab", type=int, default=8000, help="tokenizer.vocab_size (default 8000)")
     parser.add_argument("--text-field", default="text", help="data.text_field for .jsonl/.json/.parquet (default text)")
+    parser.add_argument("--shapes", nargs="+", choices=["big", "many"], default=["big", "many"],
+                        help="corpus shapes to measure, side by side (default both; see the module docstring)")
+    parser.add_argument("--file-kb", type=float, default=24, help="many: size of each generated file (default 24)")
+    parser.add_argument("--many-dir", type=Path, help="many: a real folder of files instead of generated ones")
     parser.add_argument("--shard-only", action="store_true",
                         help="skip raw (for corpora whose token ids do not fit in memory)")
     parser.add_argument("--train", action="store_true",
@@ -215,11 +250,29 @@ def main() -> None:
     if args.train:
         train_main(args, command)
         return
-    corpus = bench_corpus(args.corpus.resolve(), args.min_mb)
+    big = bench_corpus(args.corpus.resolve(), args.min_mb)
+    corpora = {"big": big, "many": args.many_dir.resolve() if args.many_dir else None}
+    if "many" in args.shapes and corpora["many"] is None:
+        corpora["many"] = many_files_corpus(big, args.min_mb, args.file_kb)
+    rows = [measure_shape(shape, corpora[shape], args) for shape in args.shapes]
+    print()
+    print_table(rows)
+    print(f"\ncorpus MB: UTF-8 text, 1 MB = 1e6 bytes; MB/s and cores (CPU seconds / wall seconds, all threads): "
+          f"medians of {args.repeats}; load: 1-minute load average at the start")
+    if not args.shard_only:
+        print("ratio: median of per-pair shard/raw MB/s (goal >= 0.9 on both shapes)")
+    if not args.no_record:
+        record(command, rows)
+
+
+def measure_shape(shape: str, corpus: Path, args) -> dict:
+    """One shape's row: --repeats raw/shard pairs, alternated."""
     train_tokenizer(corpus, args.vocab, args.text_field)
     kinds = ("shard",) if args.shard_only else ("raw", "shard")
     load = os.getloadavg()[0]
-    print(f"corpus {corpus} ({corpus.stat().st_size / MB:.1f} MB on disk), {args.threads} threads, "
+    files = sum(1 for p in corpus.rglob("*") if p.is_file()) if corpus.is_dir() else 1
+    size = sum(p.stat().st_size for p in corpus.rglob("*") if p.is_file()) if corpus.is_dir() else corpus.stat().st_size
+    print(f"{shape}: corpus {corpus} ({files} files, {size / MB:.1f} MB on disk), {args.threads} threads, "
           f"{args.repeats} x {kinds}, load average {load:.2f}", flush=True)
     if load > 0.5:
         print("WARNING: the machine is busy: other processes share these cores and skew the figures")
@@ -231,7 +284,8 @@ def main() -> None:
     med = {kind: statistics.median(r["mb_s"] for r in rs) for kind, rs in runs.items()}
     cores = {kind: statistics.median(r["cores"] for r in rs) for kind, rs in runs.items()}
     peak = {kind: max(r["peak_rss"] for r in rs) / 2**20 for kind, rs in runs.items()}
-    row = {"corpus MB": f"{shard['text_bytes'] / MB:.1f}", "docs": f"{shard['docs']:,}",
+    row = {"shape": shape, "files": f"{files:,}", "corpus MB": f"{shard['text_bytes'] / MB:.1f}",
+           "docs": f"{shard['docs']:,}",
            "tokens": f"{shard['tokens']:,}", "threads": str(args.threads)}
     if not args.shard_only:
         raw = runs["raw"][0]
@@ -247,15 +301,9 @@ def main() -> None:
         row.update({"shard MB/s": f"{med['shard']:.2f}", "shard cores": f"{cores['shard']:.2f}",
                     "shard peak RSS": f"{peak['shard']:.0f} MiB"})
     row["load"] = f"{load:.2f}"
-    print()
-    print_table([row])
-    print(f"\ncorpus MB: UTF-8 text, 1 MB = 1e6 bytes; MB/s and cores (CPU seconds / wall seconds, all threads): "
-          f"medians of {args.repeats}; load: 1-minute load average at the start")
     if not args.shard_only:
-        print("ratio: median of per-pair shard/raw MB/s (goal >= 0.9); each: "
-              + ", ".join(f"{r:.3f}" for r in ratios))
-    if not args.no_record:
-        record(command, row)
+        print(f"{shape}: shard/raw per pair: " + ", ".join(f"{r:.3f}" for r in ratios), flush=True)
+    return row
 
 
 TRAIN_GOAL_S, TRAIN_GOAL_GIB = 300, 16  # the issue: 1 GB in at most 5 minutes and 16 GB
