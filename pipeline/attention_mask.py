@@ -74,7 +74,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout: flo
     if not is_block_mask(mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, **gqa)
     global _compiled_flex
-    if q.device.type != "cuda":  # eager (forward only, unfused): what CPU tests compare against the dense mask
+    if q.device.type != "cuda" or torch.compiler.is_compiling():
+        # CPU: eager (forward only, unfused), what the tests compare with the dense mask; inside a compiled
+        # block (model.compile) the block's own compilation fuses it
         return flex_attention(q, k, v, block_mask=mask, **gqa)
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
