@@ -260,7 +260,8 @@ def main() -> None:
     print(f"\ncorpus MB: UTF-8 text, 1 MB = 1e6 bytes; MB/s and cores (CPU seconds / wall seconds, all threads): "
           f"medians of {args.repeats}; load: 1-minute load average at the start")
     if not args.shard_only:
-        print("ratio: median of per-pair shard/raw MB/s (goal >= 0.9 on both shapes)")
+        print("ratio: median of per-pair shard/raw MB/s (goal >= 0.9 on both shapes); cpu ratio: the same by CPU "
+              "seconds (raw CPU s / shard CPU s), steadier when other processes share the cores")
     if not args.no_record:
         record(command, rows)
 
@@ -293,8 +294,13 @@ def measure_shape(shape: str, corpus: Path, args) -> dict:
             print(f"WARNING: raw and shard disagree: docs {raw['docs']} vs {shard['docs']}, "
                   f"tokens {raw['tokens']} vs {shard['tokens']}")
         ratios = [s["mb_s"] / r["mb_s"] for r, s in zip(runs["raw"], runs["shard"])]
+        # CPU seconds of raw / of shard, per pair: what the wall-time ratio would be on idle cores; on a shared
+        # machine (cores busy well under --threads) it is the steadier of the two
+        cpu_ratios = [(r["cores"] * r["seconds"]) / (s["cores"] * s["seconds"])
+                      for r, s in zip(runs["raw"], runs["shard"])]
         row.update({"raw MB/s": f"{med['raw']:.2f}", "shard MB/s": f"{med['shard']:.2f}",
-                    "ratio": f"{statistics.median(ratios):.3f}", "raw cores": f"{cores['raw']:.2f}",
+                    "ratio": f"{statistics.median(ratios):.3f}", "cpu ratio": f"{statistics.median(cpu_ratios):.3f}",
+                    "raw cores": f"{cores['raw']:.2f}",
                     "shard cores": f"{cores['shard']:.2f}", "shard peak RSS": f"{peak['shard']:.0f} MiB",
                     "raw peak RSS": f"{peak['raw']:.0f} MiB"})
     else:
@@ -302,7 +308,8 @@ def measure_shape(shape: str, corpus: Path, args) -> dict:
                     "shard peak RSS": f"{peak['shard']:.0f} MiB"})
     row["load"] = f"{load:.2f}"
     if not args.shard_only:
-        print(f"{shape}: shard/raw per pair: " + ", ".join(f"{r:.3f}" for r in ratios), flush=True)
+        print(f"{shape}: shard/raw per pair: " + ", ".join(f"{r:.3f}" for r in ratios) + "; by CPU seconds: "
+              + ", ".join(f"{r:.3f}" for r in cpu_ratios), flush=True)
     return row
 
 
