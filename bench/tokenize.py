@@ -294,8 +294,8 @@ def measure_shape(shape: str, corpus: Path, args) -> dict:
             print(f"WARNING: raw and shard disagree: docs {raw['docs']} vs {shard['docs']}, "
                   f"tokens {raw['tokens']} vs {shard['tokens']}")
         ratios = [s["mb_s"] / r["mb_s"] for r, s in zip(runs["raw"], runs["shard"])]
-        # CPU seconds of raw / of shard, per pair: what the wall-time ratio would be on idle cores; on a shared
-        # machine (cores busy well under --threads) it is the steadier of the two
+        # CPU seconds of raw / of shard, per pair: reading and writing count even where they overlap the encoding;
+        # on a shared machine (cores busy well under --threads) the steadier of the two
         cpu_ratios = [(r["cores"] * r["seconds"]) / (s["cores"] * s["seconds"])
                       for r, s in zip(runs["raw"], runs["shard"])]
         row.update({"raw MB/s": f"{med['raw']:.2f}", "shard MB/s": f"{med['shard']:.2f}",
