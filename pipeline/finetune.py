@@ -45,7 +45,9 @@ def inputs(ctx: Context) -> dict:
     else:
         data = {"default": {"seed": cfg.data.seed, "documents": cfg.data.default_num_documents}}
     tokenizer = layout.tokenizer
-    return {"model": asdict(cfg.model), "finetune": asdict(ft), "deepspeed": asdict(cfg.deepspeed),
+    finetune = asdict(ft)
+    del finetune["document_mask"]  # always false here (pack_isolate isolates): runs from before it are not redone
+    return {"model": asdict(cfg.model), "finetune": finetune, "deepspeed": asdict(cfg.deepspeed),
             "precision": asdict(cfg.precision), "init": init, "data": data,
             "tokenizer": sha256_file(tokenizer) if tokenizer.is_file() else "missing", **optimizer_inputs(cfg.optimizer)}
 
