@@ -23,6 +23,7 @@ import logging
 import os
 import queue
 import threading
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -55,8 +56,8 @@ class BackgroundWriter(CheckpointEngine):
         pass
 
     def save(self, state_dict, path: str) -> None:
-        if not self.background:
-            return self._write(state_dict, Path(path))
+        if not self.background:  # a failure is kept for the trainer's collective check, as in the background
+            return self._run(lambda: self._write(state_dict, Path(path)))
         snapshot = self.host_copy(state_dict, Path(path).name)
         self.submit(lambda: self._write(snapshot, Path(path)))
 
@@ -145,6 +146,7 @@ class BackgroundWriter(CheckpointEngine):
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
         except BaseException as exc:
+            _close_frames(exc)
             tmp.unlink(missing_ok=True)
             full = no_space(exc, path.parent, needed=state_bytes(state)) if isinstance(exc, Exception) else None
             if full:  # torch.save's own error does not say why
@@ -207,3 +209,11 @@ def state_bytes(state) -> int:
     if isinstance(state, (list, tuple)):
         return sum(state_bytes(v) for v in state)
     return 0
+
+
+def _close_frames(exc: BaseException | None) -> None:
+    """Drop the locals of the frames an exception chain holds: torch.save's hold the temp file open, whose
+    space an unlink then would not free."""
+    while exc is not None:
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__context__

@@ -83,8 +83,8 @@ def no_space(exc: BaseException, where: Path, needed: int | None = None) -> str 
     write needs counts as full too."""
     code = getattr(exc, "errno", None)
     free = free_bytes(where)
-    full = code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc) or (
-        free is not None and needed is not None and free < needed)
+    full = code in (errno.ENOSPC, errno.EDQUOT) or code is None and (
+        "No space left" in str(exc) or free is not None and needed is not None and free < needed)
     if not full:
         return None
     need = f"needs about {human_bytes(needed)}, " if needed else ""

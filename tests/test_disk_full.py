@@ -78,6 +78,7 @@ def test_a_checkpoint_save_on_a_full_disk_stops_cleanly_and_the_rerun_resumes(tm
     assert verify(disk / "step_00000004", digests=True)[0]["step"] == 4
 
 
+@pytest.mark.slow  # two_local_ranks is a training run
 def test_an_export_on_a_full_disk_keeps_nothing_and_the_rerun_completes(tmp_path, two_local_ranks, small_disk):
     run_dir = tmp_path / "run"
     for name in ("tokenizer", "pretrain"):
@@ -122,3 +123,27 @@ def test_a_shard_stage_on_a_full_disk_removes_its_staging_and_the_rerun_complete
     proc = run_in_process(*args)
     assert proc.returncode == 0, proc.stderr
     assert (run_dir / "shards" / "manifest.json").read_bytes() == (small_run / "shards" / "manifest.json").read_bytes()
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_the_checkpoint_writer_names_the_space_and_frees_a_failed_save(small_disk, background):
+    """Both ways of writing (train.async_checkpoint): the failure is kept for the trainer's check, this rank's
+    files of the lost save and its temp file are gone, the save's later jobs are dropped, and the marker that
+    tells rank 0's commit to stop waiting is left."""
+    import torch
+
+    from pipeline.checkpoint_writer import BackgroundWriter
+
+    folder = small_disk("checkpoints", 256) / "step_00000004"
+    folder.mkdir()
+    writer = BackgroundWriter(background=background)
+    writer.folder, writer.rank = folder, 1
+    writer.save({"w": torch.ones(1000)}, str(folder / "model_states.pt"))  # 4 KB: fits
+    writer.save({"w": torch.ones(200_000)}, str(folder / "optim_states.pt"))  # 800 KB: does not
+    ran = []
+    writer.submit(lambda: ran.append("commit"))
+    message, primary = writer.take_failure()
+    assert re.fullmatch(rf"checkpoint {folder}: writing optim_states\.pt: no space left on the device of {folder} "
+                        rf"\(needs about 781\.2 KiB, [\d.]+ KiB free\)", message), message
+    assert primary and ran == [] and not writer.failed
+    assert sorted(p.name for p in folder.iterdir()) == ["failed_rank00001"]

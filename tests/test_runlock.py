@@ -75,6 +75,29 @@ def test_the_processes_of_one_job_share_its_lock(tmp_path):
     assert not path.exists()
 
 
+def hold_on_ranks(run_dir: str) -> None:
+    """One rank of a launch (run_distributed_test sets what torchrun would): inside the lock with its peers."""
+    import torch.distributed as dist
+
+    from pipeline.distributed import LaunchInfo
+
+    rank, layout = LaunchInfo.from_env().rank, RunLayout.of(run_dir)
+    with run_lock(layout, 120, leader=rank == 0, part=None) as lock:
+        dist.barrier()  # every rank holds it at once
+        assert read_holder(layout.run_lock)[0].job == job_identity() == f"launcher-127.0.0.1:{os.environ['MASTER_PORT']}"
+        assert lock.owner == (rank == 0)
+        dist.barrier()
+    dist.barrier()
+    assert not layout.run_lock.exists()
+
+
+@pytest.mark.slow
+def test_the_ranks_of_one_launch_hold_the_lock_together(tmp_path):
+    from distributed import run_distributed_test
+
+    run_distributed_test(hold_on_ranks, 2, args=(str(tmp_path),), timeout=120)
+
+
 def test_run_lock_hands_the_job_to_local_ranks_and_releases_on_error(tmp_path, monkeypatch):
     monkeypatch.delenv(RUN_LOCK_ENV, raising=False)
     layout = RunLayout.of(tmp_path)
