@@ -31,7 +31,7 @@ import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
 from .errors import PipelineError
-from .fsutil import no_space, sha256_file
+from .fsutil import disk_full, no_space, sha256_file, space_message
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +146,13 @@ class BackgroundWriter(CheckpointEngine):
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
         except BaseException as exc:
+            needed = state_bytes(state)
+            full = isinstance(exc, Exception) and disk_full(exc, path.parent, needed)  # before the cleanup
             _close_frames(exc)
             tmp.unlink(missing_ok=True)
-            full = no_space(exc, path.parent, needed=state_bytes(state)) if isinstance(exc, Exception) else None
             if full:  # torch.save's own error does not say why
-                raise PipelineError(f"checkpoint {path.parent}: writing {path.name}: {full}") from exc
+                raise PipelineError(f"checkpoint {path.parent}: writing {path.name}: "
+                                    f"{space_message(path.parent, needed)}") from exc
             raise
         os.replace(tmp, path)
         self.written[str(path)] = (path.stat().st_size, digest)

@@ -19,7 +19,8 @@ from .checkpoint import find_resumable
 from .config import ExportConfig, ModelConfig
 from .context import Context
 from .errors import PipelineError
-from .fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, no_space, replace_dir, sha256_file
+from .fsutil import (atomic_write_bytes, atomic_write_json, disk_full, fsync_dir, replace_dir, sha256_file,
+                     space_message)
 from .hf_tokenizer import write_tokenizer
 from .layout import TRAINING_STAGES, RunLayout
 from .metrics import read_records
@@ -165,10 +166,10 @@ def export_model(export: ExportConfig, fallback_model: ModelConfig, layout: RunL
         fsync_dir(staging)
         replace_dir(staging, target)
     except BaseException as exc:
+        full = isinstance(exc, Exception) and disk_full(exc, staging, needed)  # before the cleanup frees space
         shutil.rmtree(staging, ignore_errors=True)
-        full = no_space(exc, staging, needed) if isinstance(exc, Exception) else None
         if full:
-            raise PipelineError(f"export of {source}: {full}; nothing was kept (an earlier {target} is unchanged): "
+            raise PipelineError(f"export of {source}: {space_message(staging, needed)}; nothing was kept (an earlier {target} is unchanged): "
                                 f"free space there or set run_dir on a larger disk, then rerun stages=[export]") from exc
         raise
     log.info("export: %s %s (step %d) → %s", source, folder.name, record["step"], target)

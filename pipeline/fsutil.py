@@ -79,14 +79,23 @@ def free_bytes(path: Path) -> int | None:
 
 def no_space(exc: BaseException, where: Path, needed: int | None = None) -> str | None:
     """For a write into `where` that failed: the user's message if its filesystem is full (or over quota),
-    else None. Some writers (torch.save) drop the errno, so a filesystem with less free space than the
-    write needs counts as full too."""
+    else None."""
+    return space_message(where, needed) if disk_full(exc, where, needed) else None
+
+
+def disk_full(exc: BaseException, where: Path, needed: int | None = None) -> bool:
+    """Whether a write of about `needed` bytes into `where` failed for want of space. Some writers (torch.save)
+    drop the errno: then a filesystem with less free space than the write needs counts as full (ask before
+    removing what the failed write left)."""
     code = getattr(exc, "errno", None)
+    if code is not None:
+        return code in (errno.ENOSPC, errno.EDQUOT)
     free = free_bytes(where)
-    full = code in (errno.ENOSPC, errno.EDQUOT) or code is None and (
-        "No space left" in str(exc) or free is not None and needed is not None and free < needed)
-    if not full:
-        return None
+    return "No space left" in str(exc) or free is not None and needed is not None and free < needed
+
+
+def space_message(where: Path, needed: int | None = None) -> str:
+    free = free_bytes(where)
     need = f"needs about {human_bytes(needed)}, " if needed else ""
     have = f"{human_bytes(free)} free" if free is not None else "free space unknown"
     return f"no space left on the device of {where} ({need}{have})"
