@@ -132,30 +132,11 @@ class BackgroundWriter(CheckpointEngine):
             Path(path).unlink(missing_ok=True)
         self.written.clear()
         if self._failure_primary and self.folder is not None:
-            try:  # an empty file: it needs no data blocks on a full disk
-                os.close(os.open(self.folder / f"failed_rank{self.rank:05d}", os.O_CREAT | os.O_WRONLY))
-            except OSError:
-                pass  # rank 0's commit then waits launch.timeout_s for this rank
+            leave_failure_marker(self.folder, self.rank)
 
     # -- one file -----------------------------------------------------------------------------------
     def _write(self, state, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            torch.save(state, tmp)
-            digest = sha256_file(tmp) if self.digests else None  # from the page cache, right after writing
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-        except BaseException as exc:
-            needed = state_bytes(state)
-            full = isinstance(exc, Exception) and disk_full(exc, path.parent, needed)  # before the cleanup
-            _close_frames(exc)
-            tmp.unlink(missing_ok=True)
-            if full:  # torch.save's own error does not say why
-                raise PipelineError(f"checkpoint {path.parent}: writing {path.name}: "
-                                    f"{space_message(path.parent, needed)}") from exc
-            raise
-        os.replace(tmp, path)
-        self.written[str(path)] = (path.stat().st_size, digest)
+        self.written[str(path)] = write_file(state, path, self.digests)
 
     def host_copy(self, state, name: str):
         """A copy of `state` that later training cannot change: tensors copied to host memory (the same
@@ -200,6 +181,37 @@ class BackgroundWriter(CheckpointEngine):
             buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.device.type == "cuda")
             self._buffers[slot] = buffer
         return buffer.copy_(tensor, non_blocking=True)
+
+
+def write_file(state, path: Path, digests: bool) -> tuple[int, str | None]:
+    """torch.save under a temp name, sha256 (with `digests`), fsync, rename: (size, sha256). A failed write
+    leaves no temp file and, on a full disk, says so (torch.save's own error does not)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(state, tmp)
+        digest = sha256_file(tmp) if digests else None  # from the page cache, right after writing
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except BaseException as exc:
+        needed = state_bytes(state)
+        full = isinstance(exc, Exception) and disk_full(exc, path.parent, needed)  # before the cleanup
+        _close_frames(exc)
+        tmp.unlink(missing_ok=True)
+        if full:
+            raise PipelineError(f"checkpoint {path.parent}: writing {path.name}: "
+                                f"{space_message(path.parent, needed)}") from exc
+        raise
+    os.replace(tmp, path)
+    return path.stat().st_size, digest
+
+
+def leave_failure_marker(folder: Path, rank: int) -> None:
+    """`failed_rankNNNNN`: rank 0's commit stops waiting for this rank's files (an empty file: it needs no
+    data blocks on a full disk)."""
+    try:
+        os.close(os.open(folder / f"failed_rank{rank:05d}", os.O_CREAT | os.O_WRONLY))
+    except OSError:
+        pass  # rank 0's commit then waits launch.timeout_s for this rank
 
 
 def state_bytes(state) -> int:
