@@ -35,6 +35,10 @@ POINTER = "latest"
 PREFIX = "step_"
 
 
+class PeerWriteFailed(PipelineError):
+    """Rank 0's commit found another rank's failure marker: that rank's own error says why."""
+
+
 def tag_for(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
@@ -79,6 +83,7 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, keep_las
     if rank == 0 and folder.exists():  # leftovers of a save that never completed
         shutil.rmtree(folder)
     dist.barrier()
+    writer.folder, writer.rank = folder, rank  # where a failed write leaves its marker
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)  # DeepSpeed's files, through the writer
     writer.save(rng_state(), str(folder / f"rng_rank{rank:05d}.pt"))
     trainer_state = redact_values(trainer_state)
@@ -105,6 +110,9 @@ def _commit(writer, folder: Path, step: int, rank: int, world: int, trainer_stat
         return
     deadline = time.monotonic() + timeout_s
     while missing := [r for r in range(world) if not (folder / _marker(r)).is_file()]:
+        failed = [r for r in missing if (folder / f"failed_rank{r:05d}").exists()]
+        if failed:
+            raise PeerWriteFailed(f"checkpoint {folder}: rank(s) {failed} failed writing their files")
         if time.monotonic() > deadline:
             raise PipelineError(f"checkpoint {folder}: rank(s) {missing} did not finish writing within "
                                 f"{timeout_s:.0f} s (launch.timeout_s)")

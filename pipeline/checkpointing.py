@@ -7,14 +7,16 @@ long until its complete.json was written.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
 import torch.distributed as dist
 
 from . import control
-from .checkpoint import find_resumable, load_checkpoint, save_checkpoint, verify
+from .checkpoint import RECORD, find_resumable, load_checkpoint, save_checkpoint, verify
 from .errors import PipelineError
+from .fsutil import no_space
 from .metrics import MetricsLogger
 
 log = logging.getLogger(__name__)
@@ -73,23 +75,56 @@ class Checkpointer:
     # -- saves ------------------------------------------------------------------------------------
     def save(self, step: int, trainer_state: dict) -> Path:
         """Start a save; training goes on while the writer finishes it (finish)."""
+        self.check_writer()
         self.wait()
         started = time.perf_counter()
         with control.long_timeout():  # writing to slow storage may outlast launch.step_timeout_s
-            folder = save_checkpoint(self.engine, self.root, step, trainer_state, self.keep_last,
-                                     timeout_s=control.long_timeout_s())
+            try:
+                folder = save_checkpoint(self.engine, self.root, step, trainer_state, self.keep_last,
+                                         timeout_s=control.long_timeout_s())
+            except OSError as exc:  # DeepSpeed's own files (its recovery script), written on this thread
+                full = no_space(exc, self.root)
+                if not full:
+                    raise
+                raise PipelineError(f"{self.stage}: checkpoint of step {step}: {full}; {self.last_good()}: free "
+                                    f"space there, then rerun the same command to resume from it") from exc
         self._in_flight = (step, started, time.perf_counter() - started)
+        if not self.engine.checkpoint_engine.background:
+            self.check_writer()
         return folder
+
+    def write_failed(self) -> bool:
+        """This rank's writer lost a save (checked at every step: the flag joins the step's agreement)."""
+        return self.engine.checkpoint_engine.failed
+
+    def check_writer(self) -> None:
+        """Collective: if a save failed on any rank (a full disk), every rank stops here with its message,
+        the failed save's folder removed; the previous checkpoint is untouched."""
+        failure = self.engine.checkpoint_engine.take_failure()
+        failures: list = [None] * dist.get_world_size()
+        dist.all_gather_object(failures, failure)
+        found = [f for f in failures if f]
+        if not found:
+            return
+        message = next((m for m, primary in found if primary), found[0][0])
+        folder = self.engine.checkpoint_engine.folder
+        if dist.get_rank() == 0 and folder is not None and not (folder / RECORD).exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        self._in_flight = None
+        raise PipelineError(f"{self.stage}: {message}; the failed save was removed and {self.last_good()}: "
+                            f"free space there, then rerun the same command to resume from it")
 
     def finish(self) -> None:
         """Collective: returns once the last save started is complete (its record written)."""
+        self.check_writer()
         self.wait()
         with control.long_timeout():
             dist.barrier()  # rank 0's writer commits last
 
     def record_if_written(self) -> None:
         """Record a save the writer has finished by now, so its metrics need not wait for the next save."""
-        if self._in_flight is not None and self.engine.checkpoint_engine.idle():
+        writer = self.engine.checkpoint_engine
+        if self._in_flight is not None and writer.idle() and not writer.failed:  # a failure: check_writer's
             self.wait()
 
     def wait(self) -> None:

@@ -191,6 +191,7 @@ class LaunchConfig:
     timeout_s: int = 600  # process-group timeout for init, the first step and checkpoint saves
     step_timeout_s: int = 300  # after the first step: a dead or hung rank fails the job this soon; 0: timeout_s
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # checkpoint, exit 0
+    lock_stale_s: int = 120  # a run lock held from another host whose heartbeat is older than this is taken over
 
 
 @dataclass

@@ -19,7 +19,8 @@ from .checkpoint import find_resumable
 from .config import ExportConfig, ModelConfig
 from .context import Context
 from .errors import PipelineError
-from .fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, replace_dir, sha256_file
+from .fsutil import (atomic_write_bytes, atomic_write_json, disk_full, fsync_dir, replace_dir, sha256_file,
+                     space_message)
 from .hf_tokenizer import write_tokenizer
 from .layout import TRAINING_STAGES, RunLayout
 from .metrics import read_records
@@ -153,8 +154,10 @@ def export_model(export: ExportConfig, fallback_model: ModelConfig, layout: RunL
             shutil.rmtree(leftover, ignore_errors=True)
     staging = target.with_name(f"{source}.tmp-{os.getpid()}")
     staging.mkdir()
+    needed = None
     try:
         tensors = checkpoint_tensors(folder)
+        needed = weights_bytes(tensors, DTYPES[export.dtype])
         write_weights(tensors, model_cfg, DTYPES[export.dtype], staging, max(1, int(export.max_shard_size_gb * 1e9)))
         write_tokenizer(layout.tokenizer, staging, model_cfg.max_seq_len)
         card = model_card(layout, source, folder, record, model_cfg, export.dtype)
@@ -162,11 +165,24 @@ def export_model(export: ExportConfig, fallback_model: ModelConfig, layout: RunL
         write_configs(model_cfg, export.dtype, sp.piece_to_id(IM_END), staging)
         fsync_dir(staging)
         replace_dir(staging, target)
-    except BaseException:
+    except BaseException as exc:
+        full = isinstance(exc, Exception) and disk_full(exc, staging, needed)  # before the cleanup frees space
         shutil.rmtree(staging, ignore_errors=True)
+        if full:
+            raise PipelineError(f"export of {source}: {space_message(staging, needed)}; nothing was kept (an earlier {target} is unchanged): "
+                                f"free space there or set run_dir on a larger disk, then rerun stages=[export]") from exc
         raise
     log.info("export: %s %s (step %d) → %s", source, folder.name, record["step"], target)
     return target
+
+
+def weights_bytes(tensors: dict, dtype) -> int:
+    """About what the safetensors files of `tensors` take in `dtype`."""
+    import math
+
+    import torch
+
+    return sum(math.prod(t.shape) for t in tensors.values()) * torch.empty((), dtype=dtype).element_size()
 
 
 def _pid_alive(pid: str) -> bool:

@@ -148,7 +148,10 @@ class IndexedDatasetWriter:
     def abort(self) -> None:
         """Drop everything written so far (removes the temp files)."""
         if not self._bin.closed:
-            self._bin.close()
+            try:
+                self._bin.close()
+            except OSError:  # flushing the buffer failed (a full disk): the file is closed all the same
+                pass
         self.bin_tmp.unlink(missing_ok=True)
         self.idx_tmp.unlink(missing_ok=True)
         self._closed = True

@@ -87,3 +87,17 @@ class RunLayout:
     def log_file(self, rank: int | None = None) -> Path:
         """The log of the process the user started (`rank` None), or of one rank of a launcher."""
         return self.logs / ("pipeline.log" if rank is None else f"rank{rank}.log")
+
+    # -- the run lock (pipeline/runlock.py) ------------------------------------------------------------
+    @property
+    def locks(self) -> Path:
+        return self.run_dir / "locks"
+
+    @property
+    def run_lock(self) -> Path:
+        """Held by the job that runs on this run_dir (one at a time)."""
+        return self.locks / "run.lock"
+
+    def part_lock(self, index: int) -> Path:
+        """Held by the job that writes shard part `index` (job arrays write parts at once)."""
+        return self.locks / f"shard-part{index:03d}.lock"

@@ -75,10 +75,21 @@ def prepare_run_dir(cfg: PipelineConfig) -> Path:
 
 def run_pipeline(cfg: PipelineConfig, resolved: dict, overrides: list[str]) -> None:
     """Run the requested stages; `resolved` is the whole config as plain data, `overrides` the
-    command line (replayed on the local ranks that distributed stages start)."""
+    command line (replayed on the local ranks that distributed stages start). One job at a time per
+    run_dir (pipeline/runlock.py); a shard part locks only its part."""
+    from .runlock import RUN_LOCK_ENV, run_lock
+
     install_log_redaction()  # no secret value reaches the console (pipeline/redaction.py)
     validate(cfg)
     launch = LaunchInfo.from_env()
+    part = cfg.shard.worker_index if cfg.shard.num_workers > 1 and cfg.stages == ["shard"] else None
+    prepare_run_dir(cfg)
+    with run_lock(RunLayout.of(cfg.run_dir), cfg.launch.lock_stale_s, part=part,
+                  leader=launch.rank == 0 and RUN_LOCK_ENV not in os.environ):
+        _run_stages(cfg, resolved, overrides, launch)
+
+
+def _run_stages(cfg: PipelineConfig, resolved: dict, overrides: list[str], launch: LaunchInfo) -> None:
     auto_split = launch.world_size > 1 and cfg.shard.num_workers == 1 and cfg.shard.worker_index is None
     if auto_split:  # every rank encodes its own part of the corpus, on its share of the cores
         threads = cfg.shard.encode_threads or max(1, (os.cpu_count() or 1) // launch.local_world_size)

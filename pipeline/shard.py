@@ -29,7 +29,7 @@ from .config import DataConfig, ShardConfig
 from .context import Context
 from .corpus import Corpus, DocumentBatch
 from .errors import PipelineError
-from .fsutil import atomic_write_json, fsync_dir, replace_dir, sha256_file
+from .fsutil import atomic_write_json, fsync_dir, no_space, replace_dir, sha256_file
 from .indexed import IndexedDatasetWriter, ShardInfo, token_dtype
 from .layout import MANIFEST, RunLayout
 from .vocab import load_tokenizer
@@ -53,7 +53,14 @@ def inputs(ctx: Context) -> dict:
 def run(ctx: Context) -> list[Path]:
     """This job's share: the whole stage, one part (shard.worker_index), or the merge of the parts."""
     layout, shard = ctx.layout, ctx.cfg.shard
-    manifest = shard_corpus(ctx.open_corpus(), shard, ctx.cfg.data, layout)
+    try:
+        manifest = shard_corpus(ctx.open_corpus(), shard, ctx.cfg.data, layout)
+    except OSError as exc:
+        full = no_space(exc, layout.shards.parent)
+        if not full:
+            raise
+        raise PipelineError(f"shard: {full}; the unfinished shards were removed (an earlier shards/ is unchanged): "
+                            f"free space there or set run_dir on a larger disk, then rerun the same command") from exc
     if shard.worker_index is not None and shard.num_workers > 1:  # a part: the merge consumes it
         return [part_dir(layout, shard.worker_index) / PART_MANIFEST]
     files = [layout.manifest]
@@ -202,7 +209,7 @@ def shard_corpus(corpus: Corpus, shard: ShardConfig, data: DataConfig, layout: R
         staging = fresh_dir(layout.shards.with_name("shards.tmp"))
         with removed_on_error(staging):
             manifest = write_shards(corpus, shard, data, layout.tokenizer, staging)
-        atomic_write_json(staging / MANIFEST, manifest)
+            atomic_write_json(staging / MANIFEST, manifest)
         replace_dir(staging, layout.shards)
         return manifest
     if index is None:
@@ -213,7 +220,7 @@ def shard_corpus(corpus: Corpus, shard: ShardConfig, data: DataConfig, layout: R
     with removed_on_error(staging):
         manifest = write_shards(corpus, shard, data, layout.tokenizer, staging, workers, index,
                                 name_prefix=f"w{index:03d}-")
-    atomic_write_json(staging / PART_MANIFEST, {**manifest, "part": index, "num_parts": workers})
+        atomic_write_json(staging / PART_MANIFEST, {**manifest, "part": index, "num_parts": workers})
     replace_dir(staging, final)
     return manifest
 
@@ -258,7 +265,8 @@ def merge_parts(layout: RunLayout, workers: int) -> dict:
             target["documents"] += m["splits"][split]["documents"]
             target["tokens"] += m["splits"][split]["tokens"]
             target["shards"] += m["splits"][split]["shards"]
-    atomic_write_json(staging / MANIFEST, merged)
+    with removed_on_error(staging):
+        atomic_write_json(staging / MANIFEST, merged)
     replace_dir(staging, final)
     shutil.rmtree(layout.shard_parts)
     return merged

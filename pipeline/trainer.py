@@ -32,6 +32,8 @@ from .schedule import lr_at
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT_FAILED = "checkpoint_failed"
+
 
 @dataclass
 class TrainerState:
@@ -135,7 +137,10 @@ class Trainer:
             lr = lr_at(self.state.step, train)
             step_loss = self._accumulate(lr)
             agreed = control.agree({**self.guard.flags(self.engine, step_loss),  # the step's one collective
-                                    control.PREEMPT: control.preempt_requested() is not None})
+                                    control.PREEMPT: control.preempt_requested() is not None,
+                                    CHECKPOINT_FAILED: self.checkpoints.write_failed()})
+            if agreed[CHECKPOINT_FAILED]:  # a background save failed (a full disk): stop now, on every rank
+                self.checkpoints.check_writer()
             skip = self._update(agreed, step_loss)
             self.state.step += 1
             self.state.tokens_seen += self.tokens_per_step
