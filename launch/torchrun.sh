@@ -21,7 +21,7 @@ fi
 master="${MASTER_ADDR:-127.0.0.1}"
 # an unresolvable name would end in pages of rendezvous traceback on every node
 if [[ "${NNODES:-1}" != 1 ]] && ! python -c 'import socket, sys; socket.getaddrinfo(sys.argv[1], None)' "$master" 2>/dev/null; then
-  echo "error: MASTER_ADDR=$master does not resolve on $(hostname) (node ${NODE_RANK:-0}): the nodes cannot meet" \
+  echo "error: MASTER_ADDR=$master does not resolve on ${SLURMD_NODENAME:-$(hostname)} (node ${NODE_RANK:-0}): the nodes cannot meet" \
        "there; set MASTER_ADDR to an address of the first node that every node reaches (an IP address works)" >&2
   exit 2
 fi

@@ -485,33 +485,6 @@ def skip_records(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, lines) if "skipped_update" in r}
 
 
-# -- a real two-node SLURM (tests/slurm_cluster.py) -----------------------------------------------------------
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
-    """munge, slurmctld and slurmd for nodes n1 and n2 on this machine, for the whole session. Without SLURM the
-    tests that use it skip, naming the packages; with PIPELINE_REQUIRE_SLURM=1 (CI) that fails them instead."""
-    from slurm_cluster import SlurmCluster, missing_reason
 
-    reason = missing_reason()
-    if reason is not None:
-        if os.environ.get("PIPELINE_REQUIRE_SLURM") == "1":
-            pytest.fail(f"PIPELINE_REQUIRE_SLURM=1 but {reason}")
-        pytest.skip(reason)
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
-    yield cluster
-    cluster.stop()
-
-
-def pytest_terminal_summary(terminalreporter):
-    """One line for the cluster tests, so that a CI log shows they ran (not skipped) and how long they took."""
-    reports = [r for reports in terminalreporter.stats.values() for r in reports
-               if getattr(r, "nodeid", "").startswith("tests/test_slurm.py") and hasattr(r, "duration")]
-    if reports:
-        outcomes: dict[str, int] = {}
-        for r in reports:
-            if r.when == "call" or r.outcome != "passed":
-                key = "xfailed" if hasattr(r, "wasxfail") else r.outcome
-                outcomes[key] = outcomes.get(key, 0) + 1
-        summary = ", ".join(f"{n} {outcome}" for outcome, n in sorted(outcomes.items()))
-        terminalreporter.write_line(f"SLURM cluster tests (tests/test_slurm.py): {summary} in "
-                                    f"{sum(r.duration for r in reports):.0f} s")
+# a real two-node SLURM: the session fixture `slurm_cluster`, and CI's line on the cluster tests
+from slurm_cluster import pytest_terminal_summary, slurm_cluster  # noqa: E402,F401

@@ -17,15 +17,17 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 NODES = ("n1", "n2")
 PACKAGES = "slurm-wlm and munge (apt-get install slurm-wlm munge)"
-DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "sacct")
+TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo")
 HOSTS_LINE = "127.0.0.1 " + " ".join(NODES) + "  # pipeline test cluster (tests/slurm_cluster.py)\n"
 
 
 def missing_reason() -> str | None:
     """Why this machine cannot host the test cluster, or None."""
-    missing = [tool for tool in DAEMONS if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists()]
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists()]
     if missing:
         return f"SLURM is not installed (no {', '.join(missing)}): install {PACKAGES}"
     if os.geteuid() != 0:
@@ -154,7 +156,7 @@ class SlurmCluster:
 
     def stop(self) -> None:
         if self.conf.exists():
-            self.client("scancel", "--user=root", "--cluster=pipelinetest", check=False)
+            self.client("scancel", "--user=root", check=False)  # this cluster only (SLURM_CONF)
         for proc in reversed(self.procs):  # nodes, then the controller, then munge
             if proc.poll() is None:
                 proc.terminate()
@@ -165,3 +167,32 @@ class SlurmCluster:
                 proc.kill()
                 proc.wait()
         self.procs.clear()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """munge, slurmctld and slurmd for nodes n1 and n2 on this machine, for the whole session. Without SLURM the
+    tests that use it skip, naming the packages; with PIPELINE_REQUIRE_SLURM=1 (CI) that fails them instead."""
+    reason = missing_reason()
+    if reason is not None:
+        if os.environ.get("PIPELINE_REQUIRE_SLURM") == "1":
+            pytest.fail(f"PIPELINE_REQUIRE_SLURM=1 but {reason}")
+        pytest.skip(reason)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line for the cluster tests, so that a CI log shows they ran (not skipped) and how long they took."""
+    reports = [r for reports in terminalreporter.stats.values() for r in reports
+               if getattr(r, "nodeid", "").startswith("tests/test_slurm.py") and hasattr(r, "duration")]
+    if reports:
+        outcomes: dict[str, int] = {}
+        for r in reports:
+            if r.when == "call" or r.outcome != "passed":
+                key = "xfailed" if hasattr(r, "wasxfail") else r.outcome
+                outcomes[key] = outcomes.get(key, 0) + 1
+        summary = ", ".join(f"{n} {outcome}" for outcome, n in sorted(outcomes.items()))
+        terminalreporter.write_line(f"SLURM cluster tests (tests/test_slurm.py): {summary} in "
+                                    f"{sum(r.duration for r in reports):.0f} s")
