@@ -8,6 +8,10 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cd "$here/.."
 
+# where launch/slurm.sbatch finds this node's launch/torchrun.sh (this pid: exec below) to pass SIGUSR1 on
+export PIPELINE_NODE_PID_FILE="${TMPDIR:-/tmp}/pipeline-node.${SLURM_JOB_ID:-0}.${SLURM_NODEID:-0}"
+echo $$ > "$PIPELINE_NODE_PID_FILE"
+
 node_env=$(python -m pipeline.distributed slurm-env "$@")  # a bad SLURM environment fails the task here
 eval "$node_env"
 echo "slurm: node $NODE_RANK of $NNODES (${SLURMD_NODENAME:-$(hostname)}): $NPROC_PER_NODE ranks of $WORLD_SIZE" \

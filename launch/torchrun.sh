@@ -36,7 +36,7 @@ preempted_file="${TMPDIR:-/tmp}/pipeline-preempted.$$.$RANDOM"
 # written here before a signal is passed on: ranks still starting (no handler yet) read it once they have one
 signalled_file="${TMPDIR:-/tmp}/pipeline-signalled.$$.$RANDOM"
 rm -f "$preempted_file" "$signalled_file"
-trap 'rm -f "$preempted_file" "$signalled_file"' EXIT
+trap 'rm -f "$preempted_file" "$signalled_file" ${PIPELINE_NODE_PID_FILE:+"$PIPELINE_NODE_PID_FILE"}' EXIT
 
 trap '' USR1 TERM
 PIPELINE_PREEMPTED_FILE="$preempted_file" PIPELINE_SIGNALLED_FILE="$signalled_file" \
