@@ -18,6 +18,13 @@ if [[ -z "${NPROC_PER_NODE:-}" ]]; then
   gpus=$(python -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
   NPROC_PER_NODE=$(( gpus > 0 ? gpus : 2 ))
 fi
+master="${MASTER_ADDR:-127.0.0.1}"
+# an unresolvable name would end in pages of rendezvous traceback on every node
+if [[ "${NNODES:-1}" != 1 ]] && ! python -c 'import socket, sys; socket.getaddrinfo(sys.argv[1], None)' "$master" 2>/dev/null; then
+  echo "error: MASTER_ADDR=$master does not resolve on ${SLURMD_NODENAME:-$(hostname)} (node ${NODE_RANK:-0}): the nodes cannot meet" \
+       "there; set MASTER_ADDR to an address of the first node that every node reaches (an IP address works)" >&2
+  exit 2
+fi
 if [[ -n "${RDZV_ID:-}" ]]; then
   placement=(--rdzv_backend c10d --rdzv_endpoint "${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}" --rdzv_id "$RDZV_ID")
 else
@@ -26,17 +33,21 @@ fi
 
 # the ranks create it only when they stop for a preemption (a name unique to this script's process)
 preempted_file="${TMPDIR:-/tmp}/pipeline-preempted.$$.$RANDOM"
-rm -f "$preempted_file"
-trap 'rm -f "$preempted_file"' EXIT
+# written here before a signal is passed on: ranks still starting (no handler yet) read it once they have one
+signalled_file="${TMPDIR:-/tmp}/pipeline-signalled.$$.$RANDOM"
+rm -f "$preempted_file" "$signalled_file"
+trap 'rm -f "$preempted_file" "$signalled_file" ${PIPELINE_NODE_PID_FILE:+"$PIPELINE_NODE_PID_FILE"}' EXIT
 
 trap '' USR1 TERM
-PIPELINE_PREEMPTED_FILE="$preempted_file" PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT torchrun \
+PIPELINE_PREEMPTED_FILE="$preempted_file" PIPELINE_SIGNALLED_FILE="$signalled_file" \
+  PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT torchrun \
   --nnodes "${NNODES:-1}" --nproc_per_node "$NPROC_PER_NODE" "${placement[@]}" \
   -m pipeline "$@" &
 torchrun=$!
 
 forward() {
   echo "launch: node ${NODE_RANK:-0}: passing SIG$1 to the ranks" >&2
+  echo "SIG$1" > "$signalled_file"
   pkill "-$1" -P "$torchrun" -f ' -m pipeline' || true  # the ranks: torchrun's `python -m pipeline` children
 }
 trap 'forward USR1' USR1

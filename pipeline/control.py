@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 PREEMPT = "preempt"
 PREEMPTED_FILE_ENV = "PIPELINE_PREEMPTED_FILE"
+# written by launch/torchrun.sh before it passes a signal on: a signal that came while the ranks were still
+# starting (no handler yet: lost) is taken from it once the handlers are in place
+SIGNALLED_FILE_ENV = "PIPELINE_SIGNALLED_FILE"
 UNCATCHABLE = {signal.SIGKILL, signal.SIGSTOP}
 
 
@@ -59,8 +62,20 @@ def parse_signals(names: list[str]) -> list[signal.Signals]:
 
 
 def install_preemption_handlers(names: list[str]) -> None:
-    for sig in parse_signals(names):
+    global _requested
+    watched = parse_signals(names)
+    for sig in watched:
         signal.signal(sig, _on_signal)
+    path = os.environ.get(SIGNALLED_FILE_ENV)
+    if path and _requested is None:  # after the handlers: a signal from now on is seen either way
+        try:
+            name = Path(path).read_text().strip()
+        except OSError:
+            return
+        sent = getattr(signal, name, None)
+        if sent in watched:
+            _requested = sent
+            log.info("launch: %s arrived while this rank was starting: acting on it", name)
 
 
 def _on_signal(signum: int, frame) -> None:
@@ -140,7 +155,7 @@ def stop_if_preempted(next_stage: str) -> None:
 _group = None  # the gloo control-plane group
 _timeouts = (0.0, 0.0)  # (launch.timeout_s, launch.step_timeout_s)
 _current_timeout = 0.0
-_peers: list[tuple[str, int]] = []  # (host, pid) of every rank
+_peers: list[tuple[str, int, str]] = []  # (host, pid, node name) of every rank
 
 
 def setup(timeout_s: float, step_timeout_s: float) -> None:
@@ -154,7 +169,9 @@ def setup(timeout_s: float, step_timeout_s: float) -> None:
     # gloo even next to NCCL: the flag lives in host memory, so agreeing never syncs the device
     _group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     peers: list = [None] * dist.get_world_size()
-    dist.all_gather_object(peers, (socket.gethostname(), os.getpid()), group=_group)
+    # the node as the job names it (SLURM's node name; several may share one host), else the host
+    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    dist.all_gather_object(peers, (socket.gethostname(), os.getpid(), node), group=_group)
     _peers = [tuple(p) for p in peers]
 
 
@@ -274,7 +291,7 @@ def _dead_local_peers(me: int) -> list[tuple[int, str, int]]:
     """Peers on this host whose process is gone (a peer elsewhere can't be checked from here)."""
     host = socket.gethostname()
     for _ in range(5):  # a SIGKILLed peer closes its sockets before it is reaped: give /proc a moment
-        gone = [(r, h, pid) for r, (h, pid) in enumerate(_peers) if r != me and h == host and not _alive(pid)]
+        gone = [(r, node, pid) for r, (h, pid, node) in enumerate(_peers) if r != me and h == host and not _alive(pid)]
         if gone:
             return gone
         time.sleep(0.2)

@@ -63,10 +63,45 @@ def gpus_per_node(env: dict[str, str]) -> int | None:
     return None
 
 
-def slurm_node_env(env: dict[str, str] | None = None) -> dict[str, str]:
+def override_value(overrides: list[str], key: str) -> str | None:
+    """The value the last `key=V` (or `+key=V`, `++key=V`) among Hydra overrides gives, else None."""
+    found = None
+    for item in overrides:
+        name, sep, value = item.lstrip("+").partition("=")
+        if sep and name == key:
+            found = value
+    return found
+
+
+def ranks_per_node(env: dict[str, str], overrides: list[str]) -> tuple[int, str]:
+    """Ranks torchrun starts on this node, and what said so: the override launch.nproc_per_node (above 0),
+    else NPROC_PER_NODE, else the node's GPUs, else the job's allocation: its tasks per node (the batch
+    script's SLURM_NTASKS_PER_NODE, kept as PIPELINE_JOB_NTASKS_PER_NODE since srun's one task per node
+    replaces it), else its CPUs over --cpus-per-task, else local_launch's default."""
+    value = override_value(overrides, "launch.nproc_per_node")
+    if value is not None and value.strip().isdigit() and int(value) > 0:
+        return int(value), f"launch.nproc_per_node={int(value)}"
+    if env.get("NPROC_PER_NODE"):
+        return int(env["NPROC_PER_NODE"]), "NPROC_PER_NODE"
+    gpus = gpus_per_node(env)
+    if gpus:
+        return gpus, "the node's GPUs (SLURM_GPUS_ON_NODE / --gpus-per-node)"
+    tasks = env.get("PIPELINE_JOB_NTASKS_PER_NODE", "").split("(")[0]
+    if tasks.isdigit() and int(tasks) > 0:
+        return int(tasks), "no GPUs: the job's tasks per node (SLURM_NTASKS_PER_NODE, --ntasks-per-node)"
+    cpus, per_task = env.get("SLURM_CPUS_ON_NODE", ""), env.get("SLURM_CPUS_PER_TASK", "")
+    if cpus.isdigit() and per_task.isdigit() and int(per_task) > 0 and int(cpus) >= int(per_task):
+        return int(cpus) // int(per_task), "no GPUs: the node's CPUs over --cpus-per-task"
+    from .local_launch import default_nproc  # imports torch: only when SLURM does not say
+
+    return default_nproc(), "the default (local GPUs, else 2 CPU ranks)"
+
+
+def slurm_node_env(env: dict[str, str] | None = None, overrides: list[str] = ()) -> dict[str, str]:
     """What `launch/torchrun.sh` needs on one node of a SLURM job that runs one task per node:
-    NNODES, NODE_RANK, NPROC_PER_NODE, WORLD_SIZE, MASTER_ADDR (the job's first node, where the
-    c10d rendezvous is hosted), MASTER_PORT and RDZV_ID. Variables the user set win."""
+    NNODES, NODE_RANK, NPROC_PER_NODE (ranks_per_node; NPROC_SOURCE says why), WORLD_SIZE, MASTER_ADDR
+    (the job's first node, where the c10d rendezvous is hosted), MASTER_PORT and RDZV_ID. Variables the
+    user set win; `overrides` are the run's Hydra overrides."""
     env = os.environ if env is None else env
     missing = [k for k in ("SLURM_JOB_ID", "SLURM_NODEID") if k not in env]
     nnodes = env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES"))
@@ -74,12 +109,9 @@ def slurm_node_env(env: dict[str, str] | None = None) -> dict[str, str]:
     if missing or nnodes is None or nodelist is None:
         raise ValueError("not inside a SLURM job step (SLURM_JOB_ID, SLURM_NODEID, SLURM_JOB_NUM_NODES and "
                          "SLURM_JOB_NODELIST must be set): run this under srun, one task per node")
-    nproc = env.get("NPROC_PER_NODE") or gpus_per_node(env)
-    if not nproc:
-        from .local_launch import default_nproc  # imports torch: only when SLURM does not say
-
-        nproc = default_nproc()
+    nproc, source = ranks_per_node(env, overrides)
     return {"NNODES": str(int(nnodes)), "NODE_RANK": str(int(env["SLURM_NODEID"])), "NPROC_PER_NODE": str(nproc),
+            "NPROC_SOURCE": source,
             "WORLD_SIZE": str(int(nnodes) * int(nproc)),
             "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodelist),
             # a port per job, so that jobs sharing a node do not collide; stable across requeues
@@ -88,15 +120,15 @@ def slurm_node_env(env: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def main(argv: list[str]) -> int:
-    """`python -m pipeline.distributed slurm-env`: shell `export` lines for this node (eval them)."""
+    """`python -m pipeline.distributed slurm-env [OVERRIDES...]`: shell `export` lines for this node (eval them)."""
     import shlex
     import sys
 
-    if argv != ["slurm-env"]:
-        sys.stderr.write("error: usage: python -m pipeline.distributed slurm-env\n")
+    if argv[:1] != ["slurm-env"]:
+        sys.stderr.write("error: usage: python -m pipeline.distributed slurm-env [OVERRIDES...]\n")
         return 2
     try:
-        variables = slurm_node_env()
+        variables = slurm_node_env(overrides=list(argv[1:]))
     except ValueError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2

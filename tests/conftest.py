@@ -483,3 +483,8 @@ def same_state(run_dir: Path, a: int, b: int, pattern: str) -> bool:
 def skip_records(run_dir: Path) -> dict[int, dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r for r in map(json.loads, lines) if "skipped_update" in r}
+
+
+
+# a real two-node SLURM: the session fixture `slurm_cluster`, and CI's line on the cluster tests
+from slurm_cluster import pytest_terminal_summary, slurm_cluster  # noqa: E402,F401

@@ -1,26 +1,21 @@
 """Launch scripts for real, on one machine: two torchrun "nodes", the deepspeed launcher with a hostfile,
-the SLURM batch job (srun and scontrol stood in for by tests/fake_slurm), the shard job array. (The run
+the SLURM scripts' node logic (the jobs themselves run on a real SLURM in test_slurm.py). (The run
 report's tests are in test_report.py.)"""
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import (ROOT, SMALL_RUN, STEPS, TINY, error_lines, fresh_run, kill_tree, records, run_cli,
-                      split_documents, write_jsonl)
+from conftest import ROOT, STEPS, TINY, error_lines, fresh_run, kill_tree, records
 from pipeline.local_launch import _failure, free_port
 
 LAUNCH = ROOT / "launch"
-FAKE_SLURM = Path(__file__).resolve().parent / "fake_slurm"
 
 
 def script_env(**extra: str) -> dict[str, str]:
@@ -55,16 +50,16 @@ def test_every_launch_script_parses():
     scripts = sorted(p for p in LAUNCH.iterdir() if p.suffix in (".sh", ".sbatch"))
     assert {p.name for p in scripts} >= {"torchrun.sh", "deepspeed.sh", "slurm.sbatch", "slurm_node.sh",
                                          "shard_array.sbatch"}
-    for script in scripts + sorted(FAKE_SLURM.iterdir()):
+    for script in scripts:
         proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert proc.returncode == 0, (script, proc.stderr)
         assert os.access(script, os.X_OK), f"{script} is not executable (the README runs them directly)"
 
 
-def slurm_env(cmd_env: dict[str, str]) -> subprocess.CompletedProcess:
-    """`python -m pipeline.distributed slurm-env` in a fabricated SLURM environment, nothing else set."""
+def slurm_env(cmd_env: dict[str, str], *overrides: str) -> subprocess.CompletedProcess:
+    """`python -m pipeline.distributed slurm-env OVERRIDES` in a fabricated SLURM environment, nothing else set."""
     env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), **cmd_env}
-    return subprocess.run([sys.executable, "-m", "pipeline.distributed", "slurm-env"], env=env, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "pipeline.distributed", "slurm-env", *overrides], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -95,6 +90,35 @@ def test_slurm_rank_logic_from_a_fabricated_environment():
     assert (env["MASTER_ADDR"], env["MASTER_PORT"], env["WORLD_SIZE"]) == ("10.0.0.5", "31000", "4")
     proc = slurm_env({"SLURM_JOB_ID": "1"})  # not inside a job step
     assert proc.returncode != 0 and len(error_lines(proc)) == 1 and "SLURM_NODEID" in proc.stderr
+
+
+def test_slurm_ranks_per_node_follow_the_override_then_the_environment_then_the_allocation():
+    """On a node without GPUs: launch.nproc_per_node, else NPROC_PER_NODE, else the job's tasks per node, else
+    its CPUs over --cpus-per-task; the node's line in the job log says which."""
+    job = {"SLURM_JOB_ID": "5", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NODEID": "0",
+           "PIPELINE_JOB_NTASKS_PER_NODE": "3", "SLURM_CPUS_ON_NODE": "8", "SLURM_CPUS_PER_TASK": "2",
+           "SLURM_NTASKS_PER_NODE": "1"}  # the step's own one task per node: never the rank count
+    cases = [(job, ("model=tiny", "launch.nproc_per_node=1"), "1", "launch.nproc_per_node=1"),
+             ({**job, "NPROC_PER_NODE": "4"}, ("launch.nproc_per_node=0",), "4", "NPROC_PER_NODE"),
+             ({**job, "NPROC_PER_NODE": "4"}, ("++launch.nproc_per_node=2",), "2", "launch.nproc_per_node=2"),
+             (job, (), "3", "--ntasks-per-node"),
+             ({**job, "PIPELINE_JOB_NTASKS_PER_NODE": ""}, (), "4", "--cpus-per-task"),
+             ({**job, "SLURM_GPUS_ON_NODE": "8"}, (), "8", "GPUs")]
+    for env, overrides, nproc, source in cases:
+        proc = slurm_env(env, *overrides)
+        assert proc.returncode == 0, proc.stderr
+        shown = exported(proc)
+        assert shown["NPROC_PER_NODE"] == nproc and source in shown["NPROC_SOURCE"], (overrides, shown)
+        assert shown["WORLD_SIZE"] == str(2 * int(nproc))
+
+
+def test_an_unresolvable_master_addr_is_one_error_line(tmp_path):
+    """Not torchrun's pages of rendezvous traceback: the address, and the variable to set."""
+    for placement in ({"RDZV_ID": "slurm-5"}, {}):
+        proc = run_script("torchrun.sh", "stages=[pretrain]", env=script_env(
+            NNODES="2", NODE_RANK="1", NPROC_PER_NODE="1", MASTER_ADDR="no-such-node.invalid", **placement))
+        assert proc.returncode == 2 and error_lines(proc) == proc.stderr.strip().splitlines(), proc.stderr
+        assert "MASTER_ADDR=no-such-node.invalid does not resolve" in proc.stderr and "set MASTER_ADDR" in proc.stderr
 
 
 def test_slurm_scripts_refuse_bad_usage_in_one_line(tmp_path):
@@ -132,31 +156,6 @@ def test_deepspeed_script_command_line(tmp_path):
                                    "node-a", "--launcher", "openmpi", "--no_local_rank", "--module", "pipeline", "model=1b"]
     proc = run_script("deepspeed.sh", env=script_env(HOSTFILE=str(tmp_path / "missing")))
     assert proc.returncode != 0 and len(error_lines(proc)) == 1 and "HOSTFILE" in proc.stderr
-
-
-# -- shard job array --------------------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_shard_array_parts_and_merge_equal_a_single_process_run(tmp_path, small_run, small_corpus):
-    run_dir = tmp_path / "run"
-    shutil.copytree(small_run / "tokenizer", run_dir / "tokenizer")
-    data = (f"data.paths=[{small_corpus}]", *SMALL_RUN[:-1])  # its own stages= would be overridden anyway
-    env = script_env(SLURM_SUBMIT_DIR=str(ROOT), SLURM_CPUS_PER_TASK="1")
-    for task in ("1", "0"):  # array tasks finish in any order
-        proc = run_script("shard_array.sbatch", str(run_dir), "2", *data, env={**env, "SLURM_ARRAY_TASK_ID": task})
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    assert not (run_dir / "shards").exists()
-    proc = run_script("shard_array.sbatch", str(run_dir), "2", *data, env=env)  # no array: the merge
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    merged = json.loads((run_dir / "shards" / "manifest.json").read_text())
-    single = json.loads((small_run / "shards" / "manifest.json").read_text())
-    assert merged["num_parts"] == 2
-    for split in ("train", "val"):
-        for key in ("documents", "tokens"):
-            assert merged["splits"][split][key] == single["splits"][split][key]
-    merged_docs, single_docs = split_documents(run_dir), split_documents(small_run)
-    for split in ("train", "val"):
-        assert sorted(map(tuple, merged_docs[split])) == sorted(map(tuple, single_docs[split]))
 
 
 # -- multi-process launches -------------------------------------------------------------------------
@@ -213,40 +212,22 @@ def test_deepspeed_launcher_with_a_hostfile_trains_like_local_ranks(tmp_path, sm
     assert (run_dir / "report" / "report.md").is_file()
 
 
-@pytest.mark.slow
-def test_slurm_job_on_two_nodes_is_preempted_requeued_and_resumes(tmp_path, small_corpus):
-    """launch/slurm.sbatch as SLURM runs it, with srun/scontrol stood in for: one slurm_node.sh per node,
-    c10d rendezvous. SIGUSR1 to the batch script reaches the ranks, which stop at the next stage boundary;
-    the job requeues itself, and the same command then finishes the run."""
-    run_dir, log = tmp_path / "run", tmp_path / "job.log"
-    env = script_env(PATH=f"{FAKE_SLURM}{os.pathsep}{script_env()['PATH']}", SLURM_JOB_ID="4242",
-                     SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="localhost", SLURM_SUBMIT_DIR=str(ROOT),
-                     MASTER_PORT=str(free_port()), NPROC_PER_NODE="1", FAKE_SLURM_LOG=str(tmp_path / "slurm.log"))
-    args = [str(LAUNCH / "slurm.sbatch"), str(run_dir), f"data.paths=[{small_corpus}]", *SMALL_RUN]
-    with open(log, "w") as out:
-        job = subprocess.Popen(["bash", *args], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        while job.poll() is None and time.monotonic() < deadline:  # both ranks are up, rank 0 tokenizes
-            rank1 = run_dir / "logs" / "rank1.log"  # (only rank 0 speaks on the console)
-            text = log.read_text() + (rank1.read_text() if rank1.is_file() else "")
-            if "tokenize: running" in text and "tokenize: waiting" in text:
-                break
-            time.sleep(0.05)
-        job.send_signal(signal.SIGUSR1)
-        try:
-            job.wait(timeout=180)
-        finally:
-            if job.poll() is None:
-                kill_tree(job.pid)
-    text = log.read_text()
-    assert job.returncode == 0, text[-4000:]
-    assert text.count("passing SIGUSR1 to the ranks") == 2 and "preempted before stage shard" in text, text[-4000:]
-    assert (tmp_path / "slurm.log").read_text() == "scontrol requeue 4242\n"
-    assert (run_dir / "stages" / "tokenize.json").is_file() and not (run_dir / "stages" / "shard.json").exists()
-    # requeued: SLURM runs the same script again
-    proc = subprocess.run(["bash", *args], cwd=tmp_path, env={**env, "SLURM_RESTART_COUNT": "1"},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "start 2" in proc.stdout and "tokenize: complete and unchanged, skipped" in proc.stdout
-    assert json.loads((run_dir / "shards" / "manifest.json").read_text())["num_parts"] == 2  # 2 nodes × 1 rank
-    assert (tmp_path / "slurm.log").read_text() == "scontrol requeue 4242\n"  # not requeued again
+def test_a_signal_that_came_while_the_rank_was_starting_is_acted_on(tmp_path, monkeypatch):
+    """launch/torchrun.sh writes the signal's name before it passes the signal on; a rank that had no handler
+    yet (SLURM's --signal can come during startup) takes it from there once its handlers are in place."""
+    from pipeline import control
+
+    sent = tmp_path / "signalled"
+    sent.write_text("SIGUSR1\n")
+    monkeypatch.setenv(control.SIGNALLED_FILE_ENV, str(sent))
+    monkeypatch.setattr(control, "_requested", None)
+    saved = signal.getsignal(signal.SIGUSR1)
+    try:
+        control.install_preemption_handlers(["SIGUSR1"])
+        assert control.preempt_requested() == signal.SIGUSR1
+        monkeypatch.setattr(control, "_requested", None)
+        sent.write_text("SIGHUP\n")  # not one of this run's preemption signals
+        control.install_preemption_handlers(["SIGUSR1"])
+        assert control.preempt_requested() is None
+    finally:
+        signal.signal(signal.SIGUSR1, saved)
