@@ -16,7 +16,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .config import DataConfig, DeepSpeedConfig, ModelConfig, OptimizerConfig, PipelineConfig, PrecisionConfig
+from .config import DataConfig, SourceConfig, DeepSpeedConfig, ModelConfig, OptimizerConfig, PipelineConfig, PrecisionConfig
 from .control import Preempted, install_preemption_handlers, peer_failure, report_preempted
 from .errors import PipelineError
 from .redaction import redact_text
@@ -40,9 +40,15 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="pipeline_schema", node=PipelineConfig)
-    cs.store(group="data", name="default", node=DataConfig(source="default"))
+    from .default_corpus import SOURCES
+
+    # the built-in corpus is a mixture: data.sources.records.weight=0.5 reweights it from the command line.
+    # It is small and meant to be learnt by heart (fine-tuning asks its facts): repeating it is the point
+    cs.store(group="data", name="default", node=DataConfig(
+        source="default", sources={name: SourceConfig(weight=w) for name, w in SOURCES.items()}, max_repetitions=12))
     cs.store(group="data", name="files", node=DataConfig(source="files"))
     cs.store(group="schema", name="model", node=ModelConfig)
+    cs.store(group="schema", name="data", node=DataConfig)
     cs.store(group="schema", name="deepspeed", node=DeepSpeedConfig)
     cs.store(group="schema", name="precision", node=PrecisionConfig)
     cs.store(group="schema", name="optimizer", node=OptimizerConfig)

@@ -36,7 +36,7 @@ def inputs(ctx: Context) -> dict:
     if cfg.path:
         path = Path(cfg.path)
         return {"reuse_sha256": sha256_file(path) if path.is_file() else "missing"}
-    data = {k: v for k, v in asdict(ctx.cfg.data).items() if k != "val_fraction"}
+    data = {k: v for k, v in asdict(ctx.cfg.data).items() if k not in ("val_fraction", "max_repetitions", "phases")}
     settings = {k: v for k, v in asdict(cfg).items() if k != "num_threads"}
     return {"tokenizer": settings, "data": data, "corpus": ctx.corpus_identity()}
 
@@ -45,7 +45,9 @@ def run(ctx: Context) -> list[Path]:
     if ctx.cfg.tokenizer.path:
         reuse_tokenizer(Path(ctx.cfg.tokenizer.path), ctx.layout.tokenizer)
     else:
-        train_tokenizer(ctx.open_corpus(), ctx.cfg.tokenizer, ctx.layout.tokenizer, seed=ctx.cfg.data.seed)
+        text = [name for name, source in ctx.sources.items() if not source.shards]
+        corpora = [(ctx.source_corpus(name), ctx.sources[name].weight) for name in text]
+        train_tokenizer(corpora, ctx.cfg.tokenizer, ctx.layout.tokenizer, seed=ctx.cfg.data.seed)
     return [ctx.layout.tokenizer]
 
 
@@ -73,26 +75,46 @@ def training_chunks(texts: Iterator[str], max_bytes: int) -> Iterator[str]:
             yield "".join(chunk)
 
 
-def train_tokenizer(corpus: Corpus, cfg: TokenizerConfig, out_path: Path, seed: int) -> None:
+def sample_shares(sizes: list[int], weights: list[float], max_sample_mb: float) -> list[float]:
+    """The share of each source's chunks to keep: the sample holds the sources in proportion to their weights
+    (as training will) and about max_sample_mb of text in all (0: the largest sample in those proportions)."""
+    total_weight = sum(weights)
+    if not total_weight or not any(sizes):
+        return [1.0] * len(sizes)
+    wanted = [w / total_weight for w in weights]  # share of the sample
+    cap = max_sample_mb * 1e6 if max_sample_mb else float("inf")
+    # the most text the proportions allow: no source can give more than all of it
+    budget = min(cap, min(size / share for size, share in zip(sizes, wanted) if share > 0))
+    return [min(1.0, budget * share / size) if size else 0.0 for size, share in zip(sizes, wanted)]
+
+
+def train_tokenizer(corpora: Corpus | list[tuple[Corpus, float]], cfg: TokenizerConfig, out_path: Path,
+                    seed: int) -> None:
+    """On one corpus, or on a mixture's text sources as (corpus, weight): sampled in proportion to the weights."""
+    corpora = [(corpora, 1.0)] if isinstance(corpora, Corpus) else list(corpora)
     threads = cfg.num_threads or os.cpu_count() or 1
     progress = tqdm(desc="tokenize: reading", unit="doc", unit_scale=True, mininterval=1.0)
     # SentencePiece holds its whole sample in memory, and input_sentence_size counts chunks of up to
     # max_sentence_bytes (2M x 8 KiB = 16 GB): long documents also need a cap in bytes. A seeded share of the
     # chunks (not documents: one huge document must not be all or nothing), from the corpus's size on disk,
     # keeps about max_sample_mb of text (less for JSON, whose quoting counts on disk; more for compressed parquet).
-    disk_bytes = sum(Path(p).stat().st_size for p in corpus.paths)
-    keep = min(1.0, cfg.max_sample_mb * 1e6 / disk_bytes) if cfg.max_sample_mb and disk_bytes else 1.0
+    sizes = [sum(Path(p).stat().st_size for p in corpus.paths) for corpus, _ in corpora]
+    if len(corpora) == 1:
+        keeps = [min(1.0, cfg.max_sample_mb * 1e6 / sizes[0]) if cfg.max_sample_mb and sizes[0] else 1.0]
+    else:
+        keeps = sample_shares(sizes, [w for _, w in corpora], cfg.max_sample_mb)
     sampler = random.Random(seed)
-    if keep < 1:
-        log.info("tokenize: %.1f%% of the text sampled for training (%.0f MB on disk, tokenizer.max_sample_mb=%g)",
-                 100 * keep, disk_bytes / 1e6, cfg.max_sample_mb)
+    if min(keeps) < 1:
+        log.info("tokenize: %s of the text sampled for training (%.0f MB on disk, tokenizer.max_sample_mb=%g)",
+                 ", ".join(f"{100 * k:.1f}%" for k in keeps), sum(sizes) / 1e6, cfg.max_sample_mb)
 
     def sentences() -> Iterator[str]:
-        for text in corpus.texts():
-            progress.update()
-            for chunk in training_chunks([text], cfg.max_sentence_bytes):
-                if keep == 1 or sampler.random() < keep:
-                    yield chunk
+        for (corpus, _), keep in zip(corpora, keeps):
+            for text in corpus.texts():
+                progress.update()
+                for chunk in training_chunks([text], cfg.max_sentence_bytes):
+                    if keep == 1 or sampler.random() < keep:
+                        yield chunk
 
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)  # sampling and shuffling: the same corpus gives the same model
@@ -121,7 +143,7 @@ def train_tokenizer(corpus: Corpus, cfg: TokenizerConfig, out_path: Path, seed: 
         )
     except RuntimeError as exc:
         message = " ".join(str(exc).split())
-        if corpus.stats.documents == 0:
+        if not documents(corpora):
             raise PipelineError("the corpus has no non-empty document: check data.paths and data.text_field") from exc
         too_high = re.search(r"Vocabulary size too high.*?<= (\d+)", message)
         if too_high:
@@ -130,13 +152,18 @@ def train_tokenizer(corpus: Corpus, cfg: TokenizerConfig, out_path: Path, seed: 
         raise PipelineError(f"SentencePiece training failed: {message}") from exc
     finally:
         progress.close()
-    if corpus.stats.documents == 0:
+    if not documents(corpora):
         raise PipelineError("the corpus has no non-empty document: check data.paths and data.text_field")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_path, model.getvalue())
     log.info("tokenize: %d documents read (%d empty skipped, %d characters replaced), vocab %d, wrote %s",
-             corpus.stats.documents, corpus.stats.skipped_empty, corpus.stats.replaced_chars,
+             documents(corpora), sum(c.stats.skipped_empty for c, _ in corpora),
+             sum(c.stats.replaced_chars for c, _ in corpora),
              cfg.vocab_size, out_path)
+
+
+def documents(corpora: list[tuple[Corpus, float]]) -> int:
+    return sum(corpus.stats.documents for corpus, _ in corpora)
 
 
 def reuse_tokenizer(source: Path, out_path: Path) -> None:
