@@ -153,7 +153,7 @@ def test_shard_array_parts_and_merge_equal_a_single_process_run(tmp_path, small_
     assert merged["num_parts"] == 2
     for split in ("train", "val"):
         for key in ("documents", "tokens"):
-            assert merged["splits"][split][key] == single["splits"][split][key]
+            assert merged["sources"]["corpus"]["splits"][split][key] == single["sources"]["corpus"]["splits"][split][key]
     merged_docs, single_docs = split_documents(run_dir), split_documents(small_run)
     for split in ("train", "val"):
         assert sorted(map(tuple, merged_docs[split])) == sorted(map(tuple, single_docs[split]))
