@@ -68,12 +68,27 @@ def _run(cfg: DictConfig) -> None:
         if unknown:  # `+key=value` slips past the schema, and to_object would drop it without a word
             raise PipelineError(f"unknown config key(s) {unknown}: check the spelling "
                                 f"(`python -m pipeline --cfg job` lists every key)")
+        _type_sources(cfg)
         config: PipelineConfig = OmegaConf.to_object(cfg)
         install_preemption_handlers(config.launch.preempt_signals)  # before any work that a signal could cut
         start_console(config)
         # unresolved: local ranks resolve ${oc.env:...} themselves, so no secret lands in their argv
         overrides = OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
         run_pipeline(config, OmegaConf.to_container(cfg, resolve=True), overrides)
+
+
+def _type_sources(cfg: DictConfig) -> None:
+    """Each data.sources.<name> checked and typed as a SourceConfig (unknown keys, wrong types: an error)."""
+    sources = cfg.data.sources
+    for name in list(sources.keys()):
+        node = sources[name]
+        if not isinstance(node, DictConfig):
+            raise PipelineError(f"data.sources.{name}={node!r}: give a source's settings, e.g. "
+                                f"+data.sources.{name}.paths=[FILE] (README \"Data mixtures\")")
+        try:
+            sources[name] = OmegaConf.merge(OmegaConf.structured(SourceConfig), node)
+        except Exception as exc:  # OmegaConf's own message names the key and the type
+            raise PipelineError(f"data.sources.{name}: {' '.join(str(exc).split())}") from None
 
 
 def start_console(config: PipelineConfig) -> None:

@@ -45,8 +45,10 @@ class DataConfig:
     val_fraction: float = 0.01  # share of documents held out for validation
     seed: int = 1234  # decides the train/val split and the default corpus
     default_num_documents: int = 10000  # size of the built-in corpus (data=default)
-    # a mixture: name -> source (README "Data mixtures"); empty with data=files: data.paths is one source
-    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    # a mixture: name -> SourceConfig (README "Data mixtures"); empty with data=files: data.paths is one source.
+    # Typed Any so that the command line can add a source (+data.sources.code.paths=[...]), which OmegaConf
+    # refuses for a dict of dataclasses; the entry point types each one as a SourceConfig
+    sources: dict[str, Any] = field(default_factory=dict)
     max_repetitions: float = 4.0  # a source planned to be seen more often than this is an error
     phases: list[PhaseConfig] = field(default_factory=list)  # weights that change at given steps
 

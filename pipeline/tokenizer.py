@@ -47,7 +47,7 @@ def run(ctx: Context) -> list[Path]:
     else:
         text = [name for name, source in ctx.sources.items() if not source.shards]
         corpora = [(ctx.source_corpus(name), ctx.sources[name].weight) for name in text]
-        train_tokenizer(corpora, ctx.cfg.tokenizer, ctx.layout.tokenizer, seed=ctx.cfg.data.seed)
+        train_tokenizer(corpora, ctx.cfg.tokenizer, ctx.layout.tokenizer, seed=ctx.cfg.data.seed, names=text)
     return [ctx.layout.tokenizer]
 
 
@@ -76,20 +76,28 @@ def training_chunks(texts: Iterator[str], max_bytes: int) -> Iterator[str]:
 
 
 def sample_shares(sizes: list[int], weights: list[float], max_sample_mb: float) -> list[float]:
-    """The share of each source's chunks to keep: the sample holds the sources in proportion to their weights
-    (as training will) and about max_sample_mb of text in all (0: the largest sample in those proportions)."""
-    total_weight = sum(weights)
-    if not total_weight or not any(sizes):
+    """The share of each source's chunks to keep, so that the sample holds the sources in proportion to their
+    weights, as training will, with about max_sample_mb of text in all (0: no cap, all of it). A source too
+    small for its share gives all it has and the others share the rest of the budget (water-filling)."""
+    if not max_sample_mb:
         return [1.0] * len(sizes)
-    wanted = [w / total_weight for w in weights]  # share of the sample
-    cap = max_sample_mb * 1e6 if max_sample_mb else float("inf")
-    # the most text the proportions allow: no source can give more than all of it
-    budget = min(cap, min(size / share for size, share in zip(sizes, wanted) if share > 0))
-    return [min(1.0, budget * share / size) if size else 0.0 for size, share in zip(sizes, wanted)]
+    keep = [0.0] * len(sizes)
+    remaining, active = max_sample_mb * 1e6, [i for i, w in enumerate(weights) if w > 0 and sizes[i]]
+    while active:
+        total = sum(weights[i] for i in active)
+        small = [i for i in active if sizes[i] <= remaining * weights[i] / total]
+        if not small:
+            for i in active:
+                keep[i] = remaining * weights[i] / total / sizes[i]
+            break
+        for i in small:
+            keep[i], remaining = 1.0, remaining - sizes[i]
+        active = [i for i in active if i not in small]
+    return keep
 
 
 def train_tokenizer(corpora: Corpus | list[tuple[Corpus, float]], cfg: TokenizerConfig, out_path: Path,
-                    seed: int) -> None:
+                    seed: int, names: list[str] | None = None) -> None:
     """On one corpus, or on a mixture's text sources as (corpus, weight): sampled in proportion to the weights."""
     corpora = [(corpora, 1.0)] if isinstance(corpora, Corpus) else list(corpora)
     threads = cfg.num_threads or os.cpu_count() or 1
@@ -154,6 +162,10 @@ def train_tokenizer(corpora: Corpus | list[tuple[Corpus, float]], cfg: Tokenizer
         progress.close()
     if not documents(corpora):
         raise PipelineError("the corpus has no non-empty document: check data.paths and data.text_field")
+    empty = [name for name, (corpus, _) in zip(names or [], corpora) if not corpus.stats.documents]
+    if empty:
+        raise PipelineError(f"the corpus has no non-empty document (source {empty[0]}): check "
+                            f"data.sources.{empty[0]}.paths and its text_field")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_path, model.getvalue())
     log.info("tokenize: %d documents read (%d empty skipped, %d characters replaced), vocab %d, wrote %s",
