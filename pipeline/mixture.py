@@ -1,9 +1,10 @@
 """Data mixtures: which sources a run has, and how their train windows are blended into global batches.
 
-Blend: global position p (the p-th sample of the epoch-free sequence that step k reads at [k*G, (k+1)*G))
-goes to the source furthest behind its target, Megatron's greedy rule: argmax_s target_s(p + 1) - taken_s,
-ties to the first name in sorted order. target_s(p) is the weight share of the first p positions (with
-data.phases, the sum over the phases of each one's share of its positions). Source s's own samples come
+Blend: target_s(p) is source s's weight share of the first p positions (with data.phases, the sum over the
+phases of each one's share of its positions). Source s's k-th sample is due at the position where target_s
+reaches k, and global position p (step k reads [k*G, (k+1)*G)) takes the p-th due sample, ties to the first
+name in sorted order: stride scheduling, an equivalent of Megatron's greedy rule that keeps every source
+within one sample of its target at every position, computed for a whole step at once. Source s's own samples come
 from its own seeded, epoch-chained `GlobalOrder`. Every rank computes the whole global batch and takes its
 slice, so the batches depend on neither the rank count nor the micro batch; the resume state is the
 position and each source's sample count: one small record, the same on every rank.
@@ -64,6 +65,7 @@ class Blend:
         self.starts = np.array([p.step * global_batch for p in phases], np.float64)  # positions
         table = np.array([[float(p.weights.get(n, 0.0)) for n in self.names] for p in phases], np.float64)
         self.shares = table / table.sum(axis=1, keepdims=True)  # [phases, sources]
+        self._at_starts = self.targets(self.starts)
         self.description = [{"step": p.step, "weights": {n: round(float(w), 6) for n, w in zip(self.names, row)}}
                             for p, row in zip(phases, self.shares)]
 
@@ -74,15 +76,37 @@ class Blend:
         inside = np.clip(np.minimum(positions, ends) - self.starts[None, :], 0, None)  # [n, phases]
         return inside @ self.shares
 
+    def event_positions(self, source: int, ks: np.ndarray) -> np.ndarray:
+        """The position at which source `source`'s target first reaches each k of `ks` (inf: never)."""
+        breaks = np.append(self.starts, np.inf)
+        at_breaks = self._at_starts[:, source]  # target at each phase start
+        segment = np.searchsorted(at_breaks, ks, side="left") - 1  # at_breaks[j] < k <= at_breaks[j + 1]
+        share = self.shares[segment, source]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = self.starts[segment] + (ks - at_breaks[segment]) / share
+        out[share <= 0] = np.inf
+        return np.minimum(out, breaks[segment + 1])
+
     def assign(self, start: int, count: int, taken: np.ndarray) -> np.ndarray:
-        """The source index of positions [start, start + count); advances `taken` (per-source counts) in place."""
-        targets = self.targets(np.arange(start + 1, start + count + 1))
-        out = np.empty(count, np.int64)
-        for i in range(count):
-            s = int(np.argmax(targets[i] - taken))
-            out[i] = s
-            taken[s] += 1
-        return out
+        """The source of positions [start, start + count), given each source's count of the positions before;
+        advances `taken` in place. The next sample of each source is due where its target reaches its count
+        + 1 (stride scheduling: every source stays within one sample of its target); the positions take the
+        earliest due samples in order, ties to the first source."""
+        if len(self.names) == 1:
+            taken[0] += count
+            return np.zeros(count, np.int64)
+        ks = (taken[:, None] + np.arange(1, count + 1)[None, :]).astype(np.float64)  # each source's next samples
+        if len(self.starts) == 1:  # one phase: due at k / share
+            with np.errstate(divide="ignore"):
+                due = np.where(self.shares[0][:, None] > 0, ks / self.shares[0][:, None], np.inf)
+        else:
+            due = np.stack([self.event_positions(s, ks[s]) for s in range(len(self.names))])
+        source = np.broadcast_to(np.arange(len(self.names))[:, None], due.shape)
+        order = np.lexsort((source.ravel(), due.ravel()))[:count]  # by due position, then source
+        ordered = source.ravel()[order]
+        # the chosen samples come in each source's own order, so positions sorted by due keep that order
+        taken += np.bincount(ordered, minlength=len(self.names))
+        return ordered
 
 
 @dataclass(frozen=True)
@@ -132,7 +156,8 @@ class MixtureLoader:
         self.samples_consumed = 0
         self.taken = np.zeros(len(self.names), np.int64)  # samples taken from each source so far
         dtype = np.result_type(*[s.dtype for s in self.streams])
-        self._windows = np.empty((micro_batch_size, seq_len + 1), dtype)
+        self._windows = np.empty((self.layout.per_rank, seq_len + 1), dtype)
+        self._sorted = np.empty_like(self._windows)  # the rank's windows grouped by source
 
     def step_sources(self) -> tuple[np.ndarray, np.ndarray]:
         """The next global batch as (source index, window id within the source) per position; taken is not advanced."""
@@ -148,16 +173,19 @@ class MixtureLoader:
         sources, ids = self.step_sources()
         layout = self.layout
         first = self.dp_rank * layout.per_rank
-        mine_s = sources[first:first + layout.per_rank].reshape(layout.accumulation, layout.micro_batch)
-        mine_i = ids[first:first + layout.per_rank].reshape(layout.accumulation, layout.micro_batch)
-        batches = []
-        for micro_sources, micro_ids in zip(mine_s, mine_i):
-            for s in np.unique(micro_sources).tolist():
-                rows = np.flatnonzero(micro_sources == s)
-                part = np.empty((rows.size, self.seq_len + 1), self.streams[s].dtype)
-                self.streams[s].gather_windows(micro_ids[rows] * self.seq_len, part)
-                self._windows[rows] = part
-            batches.append(_to_batch(self._windows, self.pin_memory))
+        mine_s, mine_i = sources[first:first + layout.per_rank], ids[first:first + layout.per_rank]
+        if len(self.names) == 1:
+            self.streams[0].gather_windows(mine_i * self.seq_len, self._windows)
+        else:  # one gather per source and step into contiguous blocks, then one reorder
+            order = np.argsort(mine_s, kind="stable")
+            bounds = np.searchsorted(mine_s[order], np.arange(len(self.names) + 1))
+            for s in np.flatnonzero(np.diff(bounds)).tolist():
+                lo, hi = int(bounds[s]), int(bounds[s + 1])
+                self.streams[s].gather_windows(mine_i[order[lo:hi]] * self.seq_len, self._sorted[lo:hi])
+            self._windows[order] = self._sorted
+        micro = layout.micro_batch
+        batches = [_to_batch(self._windows[m * micro:(m + 1) * micro], self.pin_memory)
+                   for m in range(layout.accumulation)]
         self.taken += np.bincount(sources, minlength=len(self.names))  # only once the whole step's data exists
         self.samples_consumed += layout.global_batch
         return batches
