@@ -204,7 +204,7 @@ def test_a_mixture_with_megatron_shards_trains_with_val_loss_per_source(tmp_path
     evals = records(run_dir, "val_loss/prose")
     assert sorted(evals) == [3, 6] and sorted(records(run_dir, "val_loss/records")) == [3, 6]
     seen = {n: records(run_dir, f"tokens_seen/{n}")[6] for n in ("mega", "prose", "records")}
-    assert sum(seen.values()) == 6 * 8 * 64 and abs(seen["mega"] / sum(seen.values()) - 0.3) < 0.03
+    assert sum(seen.values()) == 6 * 8 * 64 and abs(seen["mega"] / sum(seen.values()) - 0.3 / 1.3) < 1 / 48
 
 
 def test_the_default_run_reports_each_source(zero_run):
