@@ -87,9 +87,9 @@ class Blend:
         out[share <= 0] = np.inf
         return np.minimum(out, breaks[segment + 1])
 
-    def assign(self, start: int, count: int, taken: np.ndarray) -> np.ndarray:
-        """The source of positions [start, start + count), given each source's count of the positions before;
-        advances `taken` in place. The next sample of each source is due where its target reaches its count
+    def assign(self, count: int, taken: np.ndarray) -> np.ndarray:
+        """The source of the next `count` positions, given each source's count of the positions before (they
+        decide where the sequence stands); advances `taken` in place. The next sample of each source is due where its target reaches its count
         + 1 (stride scheduling: every source stays within one sample of its target); the positions take the
         earliest due samples in order, ties to the first source."""
         if len(self.names) == 1:
@@ -122,11 +122,12 @@ class PlannedSource:
 
 
 def plan(blend: Blend, windows: dict[str, int], seq_len: int, max_steps: int, global_batch: int,
-         max_repetitions: float) -> list[PlannedSource]:
-    """Each source's planned windows over train.max_steps; an error where one is seen over max_repetitions times."""
+         max_repetitions: float, echo: bool = True) -> list[PlannedSource]:
+    """Each source's planned windows over train.max_steps (logged with echo); an error where one is seen
+    over max_repetitions times."""
     total = blend.targets(np.array([max_steps * global_batch]))[0]
     planned = [PlannedSource(n, windows[n], int(round(t)), seq_len) for n, t in zip(blend.names, total)]
-    for p in planned:
+    for p in planned if echo else []:
         log.info("data: source %s: %d train windows (%.2fM tokens), planned %d windows (%.2fM tokens) over "
                  "%d steps: %.2f× repeated", p.name, p.windows, p.windows * seq_len / 1e6, p.samples,
                  p.samples * seq_len / 1e6, max_steps, p.repetitions)
@@ -162,7 +163,7 @@ class MixtureLoader:
     def step_sources(self) -> tuple[np.ndarray, np.ndarray]:
         """The next global batch as (source index, window id within the source) per position; taken is not advanced."""
         taken = self.taken.copy()
-        sources = self.blend.assign(self.samples_consumed, self.layout.global_batch, taken)
+        sources = self.blend.assign(self.layout.global_batch, taken)
         ids = np.empty_like(sources)
         for s in np.unique(sources).tolist():
             mask = sources == s

@@ -43,7 +43,9 @@ def preflight(ctx: Context) -> None:
                                      cfg.train.seq_len, cfg.train.global_batch_size, verify)
     for name in manifest_sources(ctx.layout.shards):
         open_split(ctx.layout.shards, "val", ctx.layout.tokenizer, verify, required=False, source=name)
-    plan(blend, windows, cfg.train.seq_len, cfg.train.max_steps, cfg.train.global_batch_size, cfg.data.max_repetitions)
+    # checked here, before ranks start; rank 0 logs the plan
+    plan(blend, windows, cfg.train.seq_len, cfg.train.max_steps, cfg.train.global_batch_size, cfg.data.max_repetitions,
+         echo=False)
 
 
 def run(ctx: Context) -> list[Path]:

@@ -306,3 +306,12 @@ def test_tokenizer_sample_follows_the_weights():
     assert np.allclose([k * 4e6 for k in keep], [1.5e6, 0.5e6])
     keep = sample_shares([4e6, 1e5, 4e6], [0.4, 0.2, 0.4], max_sample_mb=2.1)  # the small one gives all it has
     assert np.allclose([k * s for k, s in zip(keep, [4e6, 1e5, 4e6])], [1e6, 1e5, 1e6])
+
+
+def test_over_repetition_is_an_error_line_before_ranks_start(tmp_path, data_run):
+    run_dir = fresh_run(data_run, tmp_path / "run")
+    proc = run_in_process(f"run_dir={run_dir}", "stages=[pretrain]", *TINY, "train.max_steps=20000",
+                          "data.default_num_documents=2000", "data.val_fraction=0.05")
+    lines = error_lines(proc)
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+    assert "more than data.max_repetitions=12 times (prose" in lines[0] and "raise data.max_repetitions" in lines[0]
