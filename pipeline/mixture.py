@@ -228,11 +228,13 @@ class MixtureLoader:
 def open_mixture(shards_dir: Path, tokenizer: Path, data: DataConfig, default_dir: Path, seq_len: int,
                  global_batch: int, verify: str) -> tuple[dict, Blend, dict[str, int]]:
     """The train split of every source in the shards, the blend of their configured weights, and each one's
-    train windows; an error where the shards hold other sources than the config names."""
+    train windows; an error where the shards hold several sources and not those the config names."""
     from .data import manifest_sources, open_split
 
     names = manifest_sources(shards_dir)
     configured = mixture_sources(data, default_dir)
+    if len(names) == 1:  # one source has no share to choose: whatever the config's data section says
+        configured, data = {names[0]: SourceConfig(weight=1.0)}, replace(data, phases=[])
     if sorted(configured) != names:
         raise PipelineError(f"the shards hold the sources {names} but the config names {sorted(configured)}: "
                             f"rerun stages=[shard] (or fix data.sources)")
