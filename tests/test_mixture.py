@@ -207,6 +207,7 @@ def test_a_mixture_with_megatron_shards_trains_with_val_loss_per_source(tmp_path
     assert sum(seen.values()) == 6 * 8 * 64 and abs(seen["mega"] / sum(seen.values()) - 0.3 / 1.3) < 1 / 48
 
 
+@pytest.mark.slow  # free in the full suite: test_pretrain makes the same run
 def test_the_default_run_reports_each_source(zero_run):
     run_dir = zero_run("zero2", "bf16")
     for source in ("prose", "records"):
