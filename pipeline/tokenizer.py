@@ -113,8 +113,9 @@ def train_tokenizer(corpora: Corpus | list[tuple[Corpus, float]], cfg: Tokenizer
         keeps = sample_shares(sizes, [w for _, w in corpora], cfg.max_sample_mb)
     sampler = random.Random(seed)
     if min(keeps) < 1:
+        shown = [f"{100 * k:.1f}%" + (f" of {n}" if n else "") for k, n in zip(keeps, names or [""] * len(keeps))]
         log.info("tokenize: %s of the text sampled for training (%.0f MB on disk, tokenizer.max_sample_mb=%g)",
-                 ", ".join(f"{100 * k:.1f}%" for k in keeps), sum(sizes) / 1e6, cfg.max_sample_mb)
+                 ", ".join(shown), sum(sizes) / 1e6, cfg.max_sample_mb)
 
     def sentences() -> Iterator[str]:
         for (corpus, _), keep in zip(corpora, keeps):

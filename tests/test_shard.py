@@ -97,17 +97,17 @@ def test_killed_run_leaves_nothing_complete_and_rerun_finishes(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, *slow], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not list((run_dir / "shards.tmp").glob("train/*.idx")):
+    while time.monotonic() < deadline and not list((run_dir / "shards.tmp").glob("corpus/train/*.idx")):
         time.sleep(0.05)  # wait until at least one shard was published inside the staging folder
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert list((run_dir / "shards.tmp").glob("train/*.idx")), "the run finished before it could be killed"
+    assert list((run_dir / "shards.tmp").glob("corpus/train/*.idx")), "the run finished before it could be killed"
     assert not (run_dir / "shards").exists()
     assert not (run_dir / "stages" / "shard.json").exists()
     # the same stage inputs (shard size); batches and threads, which change no output byte, back to defaults
     proc = run_in_process(*args, slow[-1])
     assert proc.returncode == 0, proc.stderr
-    manifest = json.loads((run_dir / "shards" / "manifest.json").read_text())
+    manifest = json.loads((run_dir / "shards" / "manifest.json").read_text())["sources"]["corpus"]
     assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 12000
     assert not (run_dir / "shards.tmp").exists()
 
