@@ -201,7 +201,7 @@ def child(kind: str, corpus: Path, vocab: int, threads: int, text_field: str) ->
         started, cpu = time.perf_counter(), time.process_time()
         run_stage(stage, ctx)
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
-        manifest = json.loads((ctx.run_dir / "shards" / "manifest.json").read_text())
+        manifest = json.loads((ctx.run_dir / "shards" / "manifest.json").read_text())["sources"]["corpus"]
         docs = sum(s["documents"] for s in manifest["splits"].values())
         tokens = sum(s["tokens"] for s in manifest["splits"].values()) - docs  # less one EOS per document
         figures = dict(text_bytes=manifest["corpus"]["text_bytes"], docs=docs, tokens=tokens)

@@ -16,7 +16,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .config import DataConfig, DeepSpeedConfig, ModelConfig, OptimizerConfig, PipelineConfig, PrecisionConfig
+from .config import DataConfig, SourceConfig, DeepSpeedConfig, ModelConfig, OptimizerConfig, PipelineConfig, PrecisionConfig
 from .control import Preempted, install_preemption_handlers, peer_failure, report_preempted
 from .errors import PipelineError
 from .redaction import redact_text
@@ -40,9 +40,15 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="pipeline_schema", node=PipelineConfig)
-    cs.store(group="data", name="default", node=DataConfig(source="default"))
+    from .default_corpus import SOURCES
+
+    # the built-in corpus is a mixture: data.sources.records.weight=0.5 reweights it from the command line.
+    # It is small and meant to be learnt by heart (fine-tuning asks its facts): repeating it is the point
+    cs.store(group="data", name="default", node=DataConfig(
+        source="default", sources={name: SourceConfig(weight=w) for name, w in SOURCES.items()}, max_repetitions=12))
     cs.store(group="data", name="files", node=DataConfig(source="files"))
     cs.store(group="schema", name="model", node=ModelConfig)
+    cs.store(group="schema", name="data", node=DataConfig)
     cs.store(group="schema", name="deepspeed", node=DeepSpeedConfig)
     cs.store(group="schema", name="precision", node=PrecisionConfig)
     cs.store(group="schema", name="optimizer", node=OptimizerConfig)
@@ -62,12 +68,27 @@ def _run(cfg: DictConfig) -> None:
         if unknown:  # `+key=value` slips past the schema, and to_object would drop it without a word
             raise PipelineError(f"unknown config key(s) {unknown}: check the spelling "
                                 f"(`python -m pipeline --cfg job` lists every key)")
+        _type_sources(cfg)
         config: PipelineConfig = OmegaConf.to_object(cfg)
         install_preemption_handlers(config.launch.preempt_signals)  # before any work that a signal could cut
         start_console(config)
         # unresolved: local ranks resolve ${oc.env:...} themselves, so no secret lands in their argv
         overrides = OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
         run_pipeline(config, OmegaConf.to_container(cfg, resolve=True), overrides)
+
+
+def _type_sources(cfg: DictConfig) -> None:
+    """Each data.sources.<name> checked and typed as a SourceConfig (unknown keys, wrong types: an error)."""
+    sources = cfg.data.sources
+    for name in list(sources.keys()):
+        node = sources[name]
+        if not isinstance(node, DictConfig):
+            raise PipelineError(f"data.sources.{name}={node!r}: give a source's settings, e.g. "
+                                f"+data.sources.{name}.paths=[FILE] (README \"Data mixtures\")")
+        try:
+            sources[name] = OmegaConf.merge(OmegaConf.structured(SourceConfig), node)
+        except Exception as exc:  # OmegaConf's own message names the key and the type
+            raise PipelineError(f"data.sources.{name}: {' '.join(str(exc).split())}") from None
 
 
 def start_console(config: PipelineConfig) -> None:

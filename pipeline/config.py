@@ -6,6 +6,8 @@ function takes the section it needs.
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -17,6 +19,24 @@ STAGES = ("tokenize", "shard", "pretrain", "finetune", "export")
 
 
 @dataclass
+class SourceConfig:
+    """One source of a data mixture (`data.sources.<name>`): text files, or existing MMIDIDX shards."""
+    paths: list[str] = field(default_factory=list)  # files, dirs or globs, as data.paths; empty with data=default: built in
+    text_field: str = "text"
+    split_on_blank_lines: bool = False
+    weight: float = 1.0  # share of training tokens, relative to the other sources' weights
+    shards: Optional[str] = None  # a folder or prefix of MMIDIDX .bin/.idx shards (needs tokenizer.path)
+    missing_eos: str = "refuse"  # shards whose documents do not end with </s>: refuse | append (rewritten with it)
+
+
+@dataclass
+class PhaseConfig:
+    """From `step` on, the mixture's weights are `weights` (sources left out: weight 0)."""
+    step: int = 0
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class DataConfig:
     source: str = "default"  # "default": the built-in generated corpus; "files": data.paths
     paths: list[str] = field(default_factory=list)  # files, dirs or globs: .txt .jsonl .json .parquet
@@ -25,6 +45,12 @@ class DataConfig:
     val_fraction: float = 0.01  # share of documents held out for validation
     seed: int = 1234  # decides the train/val split and the default corpus
     default_num_documents: int = 10000  # size of the built-in corpus (data=default)
+    # a mixture: name -> SourceConfig (README "Data mixtures"); empty with data=files: data.paths is one source.
+    # Typed Any so that the command line can add a source (+data.sources.code.paths=[...]), which OmegaConf
+    # refuses for a dict of dataclasses; the entry point types each one as a SourceConfig
+    sources: dict[str, Any] = field(default_factory=dict)
+    max_repetitions: float = 4.0  # a source planned to be seen more often than this is an error
+    phases: list[PhaseConfig] = field(default_factory=list)  # weights that change at given steps
 
 
 @dataclass
@@ -241,6 +267,7 @@ def validate(cfg: PipelineConfig) -> None:
         raise PipelineError(f"stages=[] runs nothing; name one or more of {list(STAGES)} (or drop stages= for all)")
     if cfg.data.source not in ("default", "files"):
         raise PipelineError(f"data.source={cfg.data.source!r}: use data=default or data=files")
+    validate_mixture(cfg)
     if not 0 <= cfg.data.val_fraction < 1:
         raise PipelineError(f"data.val_fraction={cfg.data.val_fraction} must lie in [0, 1)")
     if cfg.tokenizer.model_type not in ("bpe", "unigram"):
@@ -264,6 +291,56 @@ def validate(cfg: PipelineConfig) -> None:
         validate_training(cfg, key)
     if training:
         validate_optimizer(cfg.optimizer, cfg.deepspeed)
+
+
+def built_in() -> tuple[str, ...]:
+    from .default_corpus import SOURCES  # the built-in corpus's sources (data=default)
+
+    return tuple(SOURCES)
+
+
+SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MISSING_EOS = ("refuse", "append")
+
+
+def validate_mixture(cfg: PipelineConfig) -> None:
+    """data.sources, data.phases and data.max_repetitions: what needs no file read."""
+    data = cfg.data
+    if data.sources and data.paths:
+        raise PipelineError("data.paths and data.sources are both set: list the files under data.sources.<name>.paths "
+                            "(or drop data.sources for one corpus)")
+    for name, source in data.sources.items():
+        if not SOURCE_NAME.fullmatch(name):
+            raise PipelineError(f"data.sources.{name}: a source name becomes a folder name: use letters, digits, "
+                                f"'.', '_' or '-' (not starting with '.' or '-', at most 64)")
+        if not math.isfinite(source.weight) or source.weight < 0:
+            raise PipelineError(f"data.sources.{name}.weight={source.weight} must be a finite number >= 0")
+        if source.shards and source.paths:
+            raise PipelineError(f"data.sources.{name}: give paths or shards, not both")
+        if source.shards and not cfg.tokenizer.path:
+            raise PipelineError(f"data.sources.{name}.shards needs tokenizer.path=: the SentencePiece model the "
+                                f"shards were written with (their ids are checked against its vocabulary)")
+        if source.missing_eos not in MISSING_EOS:
+            raise PipelineError(f"data.sources.{name}.missing_eos={source.missing_eos!r}: choose refuse or append")
+        if not source.paths and not source.shards and (data.source != "default" or name not in built_in()):
+            raise PipelineError(f"data.sources.{name} has neither paths nor shards: give "
+                                f"data.sources.{name}.paths=[...] or data.sources.{name}.shards=DIR")
+    if data.sources and not sum(s.weight for s in data.sources.values()) > 0:
+        raise PipelineError("data.sources: every weight is 0: give at least one source a positive weight")
+    if not data.max_repetitions > 0:
+        raise PipelineError(f"data.max_repetitions={data.max_repetitions} must be positive")
+    names = set(data.sources) or {"corpus"}
+    steps = [phase.step for phase in data.phases]
+    if data.phases and (steps[0] != 0 or steps != sorted(set(steps))):
+        raise PipelineError(f"data.phases: steps {steps} must start at 0 and increase")
+    for phase in data.phases:
+        unknown = sorted(set(phase.weights) - names)
+        if unknown:
+            raise PipelineError(f"data.phases (step {phase.step}): weight for unknown source(s) {unknown}; the "
+                                f"sources are {sorted(names)}")
+        if any(not math.isfinite(w) or w < 0 for w in phase.weights.values()) or not sum(phase.weights.values()) > 0:
+            raise PipelineError(f"data.phases (step {phase.step}): weights {dict(phase.weights)} must be >= 0 with "
+                                f"at least one positive")
 
 
 # The training stages and their config sections: `pretrain` is configured under `train.*`.

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
-from .config import PipelineConfig
+from .config import PipelineConfig, SourceConfig
 from .corpus import Corpus, files_fingerprint, resolve_paths
 from .distributed import LaunchInfo
 from .layout import RunLayout
@@ -41,9 +41,39 @@ class Context:
         if self.cfg.data.source == "default":
             from .default_corpus import GENERATOR_VERSION
 
-            return {"generator": GENERATOR_VERSION, "seed": self.cfg.data.seed,
-                    "documents": self.cfg.data.default_num_documents}
-        return files_fingerprint(self.corpus_paths)
+            built_in = {"generator": GENERATOR_VERSION, "seed": self.cfg.data.seed,
+                        "documents": self.cfg.data.default_num_documents}
+        else:
+            built_in = None
+        if not self.cfg.data.sources:
+            return built_in or files_fingerprint(self.corpus_paths)
+        from .shard_sources import shards_identity
+
+        out = {}
+        for name, source in self.sources.items():
+            if source.shards:
+                out[name] = shards_identity(name, source)
+            elif built_in and not self.cfg.data.sources[name].paths:  # a built-in source
+                out[name] = built_in
+            else:
+                out[name] = files_fingerprint(resolve_paths(source.paths))
+        return out
+
+    # -- the sources of the mixture ------------------------------------------------------------------
+    @cached_property
+    def sources(self) -> dict[str, SourceConfig]:
+        """The mixture's sources by name (data.sources, or data.paths as the one source `corpus`)."""
+        from .mixture import mixture_sources
+
+        return mixture_sources(self.cfg.data, self.layout.default_data)
+
+    def source_corpus(self, name: str) -> Corpus:
+        """The documents of one text source (the built-in corpus is generated first when it is one)."""
+        source = self.sources[name]
+        if self.cfg.data.source == "default":
+            self.write_default_data()
+        return Corpus(resolve_paths(source.paths), replace(self.cfg.data, text_field=source.text_field,
+                                                           split_on_blank_lines=source.split_on_blank_lines))
 
     def write_default_data(self) -> Path:
         """The built-in corpus and instruction set (generated from data.seed, reused when present)."""

@@ -73,10 +73,33 @@ class TokenStream:
                 self.read_into(start, out[j])
 
 
+def source_bodies(manifest: dict) -> dict[str, dict]:
+    """The manifest's sources by name, each {"splits", "folder"[, "external"]}: `sources` (format version 2),
+    or the whole manifest as the one source `corpus` (version 1 and hand-written manifests)."""
+    if "sources" in manifest:
+        return {name: {"folder": name, **body} for name, body in manifest["sources"].items()}
+    return {"corpus": {"folder": ".", "splits": manifest["splits"]}}
+
+
+def manifest_sources(shards_dir: Path) -> list[str]:
+    """The source names of the manifest in `shards_dir` (sorted)."""
+    return sorted(source_bodies(_read_manifest(Path(shards_dir) / MANIFEST)))
+
+
+def _read_manifest(manifest_path: Path) -> dict:
+    if not manifest_path.is_file():
+        raise PipelineError(f"{manifest_path} does not exist: run stages=[shard] first (or fix run_dir)")
+    try:
+        return json.loads(manifest_path.read_text())
+    except ValueError as e:
+        raise PipelineError(f"{manifest_path} is unreadable ({e!r}): rerun stages=[shard]") from None
+
+
 def open_split(shards_dir: Path, split: str, tokenizer_path: Path, verify: str = "full",
-               required: bool = True) -> TokenStream | None:
-    """Open `shards_dir`/`split` after checking it against its manifest and the tokenizer.
-    With required=False a split without any token (e.g. val with data.val_fraction=0) gives None.
+               required: bool = True, source: str | None = None) -> TokenStream | None:
+    """Open `split` of one source of `shards_dir` (None: the manifest's only source) after checking it against
+    its manifest and the tokenizer. With required=False a split without any token (e.g. val with
+    data.val_fraction=0) gives None.
 
     verify: "full" hashes every .bin/.idx and checks every token id < vocab_size (reads all the data once);
     "size" compares file sizes only; "off" trusts the files (the reader still validates their format).
@@ -85,32 +108,35 @@ def open_split(shards_dir: Path, split: str, tokenizer_path: Path, verify: str =
     if verify not in VERIFY_MODES:
         raise PipelineError(f"data verify mode {verify!r} is unknown: use one of {', '.join(VERIFY_MODES)}")
     manifest_path = shards_dir / MANIFEST
-    if not manifest_path.is_file():
-        raise PipelineError(f"{manifest_path} does not exist: run stages=[shard] first (or fix run_dir)")
+    manifest = _read_manifest(manifest_path)
     try:
-        manifest = json.loads(manifest_path.read_text())
-        if not required and not sum(i["num_tokens"] for i in manifest["splits"].get(split, {}).get("shards", [])):
+        bodies = source_bodies(manifest)
+        if source is None and len(bodies) != 1:
+            raise PipelineError(f"{manifest_path} holds the sources {sorted(bodies)}: name one")
+        body = bodies[source if source is not None else next(iter(bodies))]
+        if not required and not sum(i["num_tokens"] for i in body["splits"].get(split, {}).get("shards", [])):
             return None
-        shard_list = manifest["splits"][split]["shards"]
+        shard_list = body["splits"][split]["shards"]
         vocab_size, eos_id = int(manifest["vocab_size"]), int(manifest["eos_id"])
-        dtype = np.dtype(manifest["dtype"]).newbyteorder("<")  # shards are little-endian
+        dtype = np.dtype(body.get("dtype", manifest["dtype"])).newbyteorder("<")  # shards are little-endian
     except (ValueError, KeyError, TypeError) as e:
-        raise PipelineError(f"{manifest_path} is unreadable or has no split {split!r} ({e!r}): "
+        raise PipelineError(f"{manifest_path} is unreadable or has no split {split!r} of source {source!r} ({e!r}): "
                             f"rerun stages=[shard]") from None
     if not tokenizer_path.is_file():
         raise PipelineError(f"tokenizer {tokenizer_path} does not exist: run stages=[tokenize] or fix tokenizer.path")
     if sha256_file(tokenizer_path) != manifest.get("tokenizer_sha256"):
         raise PipelineError(f"{manifest_path}: shards were written with another tokenizer than {tokenizer_path}: "
                             f"rerun stages=[shard] or point tokenizer.path at the tokenizer they were written with")
-    datasets = [_open_shard(shards_dir / split, info, manifest_path, verify, vocab_size, dtype) for info in shard_list]
+    folder = shards_dir / body["folder"] / split
+    datasets = [_open_shard(Path(info["prefix"]) if body.get("external") else folder / info["prefix"], info,
+                            manifest_path, verify, vocab_size, dtype) for info in shard_list]
     digest = hashlib.sha256("".join(i["bin_sha256"] + i["idx_sha256"] for i in shard_list).encode()).hexdigest()
     fingerprint = {"split": split, "num_tokens": sum(ds.num_tokens for ds in datasets), "shards_sha256": digest}
     return TokenStream(datasets, vocab_size, eos_id, fingerprint)
 
 
-def _open_shard(folder: Path, info: dict, manifest_path: Path, verify: str, vocab_size: int,
+def _open_shard(prefix: Path, info: dict, manifest_path: Path, verify: str, vocab_size: int,
                 dtype: np.dtype) -> IndexedDataset:
-    prefix = folder / info["prefix"]
     paths = {kind: Path(f"{prefix}.{kind}") for kind in ("bin", "idx")}
     for path in paths.values():
         if not path.is_file():

@@ -17,7 +17,7 @@ from typing import Iterator
 
 from .fsutil import fsync_dir
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3  # 3: each source's documents also in sources/<name>.jsonl
 DEFAULT_NUM_DOCUMENTS = 10000  # ~4 MB of text, under a second to generate
 NUM_PEOPLE = 400  # even: people come in sibling pairs sharing a surname
 NUM_TOWNS = 36
@@ -247,9 +247,20 @@ def _table(world: World, rng: random.Random) -> str:
 
 # Document kind -> relative frequency; person kinds take a protagonist, "town" a town.
 DOC_KINDS = {_biography: 3, _story: 3, _letter: 2, _dialogue: 2, _record: 2, "town": 1.5, "table": 1, "quiz": 2}
+# The built-in corpus is a mixture of two sources (data.sources.<name>): running text, and tables and records.
+# Each source's file is sources/<name>.jsonl; corpus.jsonl keeps every document, in generation order.
+SOURCE_OF_KIND = {_biography: "prose", _story: "prose", _letter: "prose", _dialogue: "prose", "quiz": "prose",
+                  _record: "records", "town": "records", "table": "records"}
+SOURCES = {"prose": 0.75, "records": 0.25}  # default weights: records (~21% of the text) a little upsampled
 
 
 def iter_documents(world: World, seed: int, num_documents: int) -> Iterator[str]:
+    for _, text in iter_sourced_documents(world, seed, num_documents):
+        yield text
+
+
+def iter_sourced_documents(world: World, seed: int, num_documents: int) -> Iterator[tuple[str, str]]:
+    """(source, document) in corpus order: the documents of iter_documents, each with its source."""
     rng = random.Random(f"{seed}:documents")
     kinds, weights = list(DOC_KINDS), list(DOC_KINDS.values())
     trainable = [p for p in world.people if not p.held_out]
@@ -258,16 +269,17 @@ def iter_documents(world: World, seed: int, num_documents: int) -> Iterator[str]
     towns_queue: list[Town] = []
     for _ in range(num_documents):
         kind = rng.choices(kinds, weights)[0]
+        source = SOURCE_OF_KIND[kind]
         if kind == "table":
-            yield _table(world, rng)
+            yield source, _table(world, rng)
         elif kind == "quiz":  # never about held-out people: their Q/A pairs are for evaluation only
-            yield _quiz(world, rng.choice(trainable), rng)
+            yield source, _quiz(world, rng.choice(trainable), rng)
         elif kind == "town":
             towns_queue = towns_queue or rng.sample(world.towns, len(world.towns))
-            yield _gazetteer(world, towns_queue.pop(), rng)
+            yield source, _gazetteer(world, towns_queue.pop(), rng)
         else:
             people_queue = people_queue or rng.sample(world.people, len(world.people))
-            yield kind(world, people_queue.pop(), rng)
+            yield source, kind(world, people_queue.pop(), rng)
 
 
 # Keyed by the attribute that answers the question; prompts are formatted with the entity's fields.
@@ -388,6 +400,14 @@ class DefaultCorpusInfo:
 CORPUS, TRAIN, EVAL, INFO = "corpus.jsonl", "instructions_train.jsonl", "instructions_eval.jsonl", "info.json"
 
 
+def source_file(source: str) -> str:
+    """The file of one built-in source, beside corpus.jsonl."""
+    return f"{source}.jsonl"
+
+
+SOURCE_FILES = tuple(source_file(name) for name in SOURCES)
+
+
 def _write_atomically(path: Path, lines: Iterator[str]) -> tuple[int, str]:
     """Stream lines into a temp file, fsync, rename into place; returns (bytes, sha256)."""
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")  # per-pid: concurrent writers don't clash
@@ -418,7 +438,7 @@ def _reusable(out_dir: Path, seed: int, num_documents: int) -> dict | None:
         matches = (info["seed"], info["num_documents"], info["generator_version"]) == (
             seed, num_documents, GENERATOR_VERSION)
         if matches and all((out_dir / n).stat().st_size == info["files"][n]["bytes"]
-                           for n in (CORPUS, TRAIN, EVAL)):
+                           for n in (CORPUS, TRAIN, EVAL, *SOURCE_FILES)):
             return info
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -437,6 +457,10 @@ def _writer_is_gone(tmp: Path) -> bool:
         return False
 
 
+def _source_documents(world: World, seed: int, num_documents: int, name: str) -> Iterator[dict]:
+    return ({"text": doc} for source, doc in iter_sourced_documents(world, seed, num_documents) if source == name)
+
+
 def write_default_corpus(out_dir: Path, seed: int = 1234,
                          num_documents: int = DEFAULT_NUM_DOCUMENTS) -> DefaultCorpusInfo:
     out_dir = Path(out_dir)
@@ -448,13 +472,15 @@ def write_default_corpus(out_dir: Path, seed: int = 1234,
     (out_dir / INFO).unlink(missing_ok=True)
     fsync_dir(out_dir)
     for leftover in out_dir.glob(".*.tmp.*"):
-        if leftover.name.split(".tmp.")[0][1:] in (CORPUS, TRAIN, EVAL, INFO) and _writer_is_gone(leftover):
+        if leftover.name.split(".tmp.")[0][1:] in (CORPUS, TRAIN, EVAL, INFO, *SOURCE_FILES) and _writer_is_gone(leftover):
             leftover.unlink(missing_ok=True)
     world = generate_world(seed)
     train, evaluation = instructions(world, seed)
     docs = ({"text": doc} for doc in iter_documents(world, seed, num_documents))
     files = {}
-    for name, objects in [(CORPUS, docs), (TRAIN, train), (EVAL, evaluation)]:
+    # one pass per file keeps memory bounded for any num_documents (generation is cheap and seeded)
+    by_source = [(source_file(name), _source_documents(world, seed, num_documents, name)) for name in SOURCES]
+    for name, objects in [(CORPUS, docs), (TRAIN, train), (EVAL, evaluation), *by_source]:
         size, sha = _write_atomically(
             out_dir / name, (json.dumps(obj, ensure_ascii=False) + "\n" for obj in objects))
         files[name] = {"bytes": size, "sha256": sha}

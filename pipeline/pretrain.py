@@ -22,17 +22,33 @@ def inputs(ctx: Context) -> dict:
         del train["document_mask"]  # the behaviour from before the key existed: such runs are not redone
     return {"model": asdict(cfg.model), "train": train, "deepspeed": asdict(cfg.deepspeed),
             "precision": asdict(cfg.precision), "shards": digest[layout.manifest], "tokenizer": digest[layout.tokenizer],
+            **mixture_inputs(cfg.data),
             **optimizer_inputs(cfg.optimizer)}
+
+
+def mixture_inputs(data) -> dict:
+    """The blend's settings; none for a run of one source (whose stage records predate mixtures)."""
+    if len(data.sources) < 2 and not data.phases:
+        return {}
+    return {"mixture": {"weights": {n: s.weight for n, s in data.sources.items()}, "phases": [asdict(p) for p in
+            data.phases], "max_repetitions": data.max_repetitions}}
 
 
 def preflight(ctx: Context) -> None:
     """Before local ranks start: the manifest, the tokenizer and the file sizes (cheap; hashing every
     shard is left to the ranks)."""
-    from .data import open_split
+    from .data import manifest_sources, open_split
+    from .mixture import open_mixture, plan
 
-    verify = "off" if ctx.cfg.train.verify_shards == "off" else "size"
-    for split in ("train", "val"):
-        open_split(ctx.layout.shards, split, ctx.layout.tokenizer, verify, required=split == "train")
+    cfg = ctx.cfg
+    verify = "off" if cfg.train.verify_shards == "off" else "size"
+    _, blend, windows = open_mixture(ctx.layout.shards, ctx.layout.tokenizer, cfg.data, ctx.layout.default_data,
+                                     cfg.train.seq_len, cfg.train.global_batch_size, verify)
+    for name in manifest_sources(ctx.layout.shards):
+        open_split(ctx.layout.shards, "val", ctx.layout.tokenizer, verify, required=False, source=name)
+    # checked here, before ranks start; rank 0 logs the plan
+    plan(blend, windows, cfg.train.seq_len, cfg.train.max_steps, cfg.train.global_batch_size, cfg.data.max_repetitions,
+         echo=False)
 
 
 def run(ctx: Context) -> list[Path]:
@@ -46,7 +62,7 @@ def train_model(ctx: Context) -> None:
 
     from . import autobatch
     from .batching import BatchLayout
-    from .data import PretrainLoader, eval_batches, open_split
+    from .mixture import MixtureLoader, open_mixture, plan, source_eval_batches
     from .engine import build_engine, init_distributed, model_for_tokenizer
     from .faults import injected
     from .metrics import MetricsLogger
@@ -60,25 +76,28 @@ def train_model(ctx: Context) -> None:
     train = cfg.train
     sp = load_tokenizer(layout.tokenizer)
     model_cfg = model_for_tokenizer(cfg.model, sp.get_piece_size(), train.seq_len, "train", layout.tokenizer)
-    stream = open_split(layout.shards, "train", layout.tokenizer, verify=train.verify_shards)
+    streams, blend, windows = open_mixture(layout.shards, layout.tokenizer, cfg.data, layout.default_data,
+                                           train.seq_len, train.global_batch_size, train.verify_shards)
     # micro_batch_size=auto: probed now, before the loader and the engine are built from it
     train = autobatch.resolve(train, "train", model_cfg, cfg.deepspeed, cfg.precision, device)
     batch = BatchLayout.of(train, "train", world)
-    loader = PretrainLoader(stream, train.seq_len, train.micro_batch_size, train.global_batch_size,
-                            dp_rank=rank, dp_world=world, seed=train.seed, pin_memory=device.type == "cuda",
-                            document_mask=train.document_mask)
-    val = open_split(layout.shards, "val", layout.tokenizer, verify=train.verify_shards, required=False)
+    if rank == 0:
+        plan(blend, windows, train.seq_len, train.max_steps, train.global_batch_size, cfg.data.max_repetitions)
+    loader = MixtureLoader(streams, blend, train.seq_len, train.micro_batch_size, train.global_batch_size,
+                           dp_rank=rank, dp_world=world, seed=train.seed, pin_memory=device.type == "cuda",
+                           document_mask=train.document_mask)
     engine, num_parameters = build_engine(model_cfg, train, cfg.deepspeed, cfg.precision, device, batch.accumulation,
                                           opt=cfg.optimizer)
     # built now so that a validation split too small for one batch fails before training, not after
-    eval_set = [] if val is None else eval_batches(val, train.seq_len, train.micro_batch_size, train.eval_batches,
-                                                   rank, world, document_mask=train.document_mask)
+    eval_set = source_eval_batches(layout.shards, layout.tokenizer, blend.names, train.seq_len,
+                                   train.micro_batch_size, train.eval_batches, rank, world, train.verify_shards,
+                                   document_mask=train.document_mask)
     metrics = MetricsLogger(layout.run_dir, "pretrain", rank == 0, cfg.logging.wandb, ctx.resolved)
     trainer = Trainer(stage="pretrain", section="train", engine=engine, loader=loader, eval_batches=eval_set,
                       train=train, checkpoint_root=layout.checkpoints("pretrain"), metrics=metrics,
                       flops_per_token=flops_per_token(model_cfg, train.seq_len), device=device,
                       model_config=asdict(model_cfg), faults=injected(),
-                      optimizer=cfg.optimizer.name)
+                      optimizer=cfg.optimizer.name, eval_weights=dict(zip(blend.names, blend.shares[-1])))
     if rank == 0:
         log.info("pretrain: model=%s, %.2fM parameters, %d ranks × micro batch %d × %d accumulation, "
                  "ZeRO %d, %s", model_cfg.name, num_parameters / 1e6, world,

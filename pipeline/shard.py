@@ -32,6 +32,7 @@ from .errors import PipelineError
 from .fsutil import atomic_write_json, fsync_dir, no_space, replace_dir, sha256_file
 from .indexed import IndexedDatasetWriter, ShardInfo, token_dtype
 from .layout import MANIFEST, RunLayout
+from .shard_sources import reference_shards
 from .vocab import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,10 @@ def inputs(ctx: Context) -> dict:
         raise PipelineError(f"no tokenizer at {ctx.layout.tokenizer}: run stages=[tokenize,shard] "
                             f"or set tokenizer.path= with stage tokenize")
     shard = {k: v for k, v in asdict(ctx.cfg.shard).items() if k not in ("encode_threads", "batch_mb")}
-    return {"tokenizer_sha256": sha256_file(ctx.layout.tokenizer), "data": asdict(ctx.cfg.data),
+    # the weights and phases decide nothing here (the blend happens in pretrain)
+    data = {k: v for k, v in asdict(ctx.cfg.data).items() if k not in ("max_repetitions", "phases")}
+    data["sources"] = {n: {k: v for k, v in s.items() if k != "weight"} for n, s in data["sources"].items()}
+    return {"tokenizer_sha256": sha256_file(ctx.layout.tokenizer), "data": data,
             "corpus": ctx.corpus_identity(), "shard": shard}
 
 
@@ -54,7 +58,7 @@ def run(ctx: Context) -> list[Path]:
     """This job's share: the whole stage, one part (shard.worker_index), or the merge of the parts."""
     layout, shard = ctx.layout, ctx.cfg.shard
     try:
-        manifest = shard_corpus(ctx.open_corpus(), shard, ctx.cfg.data, layout)
+        manifest = shard_corpus(ctx, shard, ctx.cfg.data, layout)
     except OSError as exc:
         full = no_space(exc, layout.shards.parent)
         if not full:
@@ -64,9 +68,12 @@ def run(ctx: Context) -> list[Path]:
     if shard.worker_index is not None and shard.num_workers > 1:  # a part: the merge consumes it
         return [part_dir(layout, shard.worker_index) / PART_MANIFEST]
     files = [layout.manifest]
-    for split, body in manifest["splits"].items():
-        for info in body["shards"]:
-            files += [layout.shards / split / (info["prefix"] + ".bin"), layout.shards / split / (info["prefix"] + ".idx")]
+    for name, source in manifest["sources"].items():
+        if source.get("external"):  # referenced in place: not this stage's output
+            continue
+        for split, body in source["splits"].items():
+            folder = layout.shards / name / split
+            files += [folder / (info["prefix"] + suffix) for info in body["shards"] for suffix in (".bin", ".idx")]
     return files
 
 
@@ -149,7 +156,7 @@ def flatten_with_eos(ids: list[np.ndarray], eos: int, dtype: np.dtype) -> tuple[
 
 
 def write_shards(corpus: Corpus, shard: ShardConfig, data: DataConfig, tokenizer_path: Path, out_dir: Path,
-                 num_parts: int = 1, part: int = 0, name_prefix: str = "") -> dict:
+                 num_parts: int = 1, part: int = 0, name_prefix: str = "", source: str = "corpus") -> dict:
     """Encode this job's documents into `out_dir`/{train,val}; return the manifest body."""
     sp = load_tokenizer(tokenizer_path)
     vocab_size, eos = sp.get_piece_size(), sp.eos_id()
@@ -184,9 +191,10 @@ def write_shards(corpus: Corpus, shard: ShardConfig, data: DataConfig, tokenizer
         progress.close()
     seconds = time.perf_counter() - started
     if corpus.stats.documents == 0:
-        raise PipelineError("the corpus has no non-empty document: check data.paths and data.text_field")
-    log.info("shard: %d documents (train %d, val %d), %d tokens, %d empty skipped, %d characters replaced; "
-             "%.1f MB/s, %.2fM tokens/s", counts["train"]["documents"] + counts["val"]["documents"],
+        raise PipelineError(f"the corpus has no non-empty document (source {source}): check data.paths "
+                            f"(data.sources.{source}.paths) and data.text_field")
+    log.info("shard: source %s: %d documents (train %d, val %d), %d tokens, %d empty skipped, %d characters replaced; "
+             "%.1f MB/s, %.2fM tokens/s", source, counts["train"]["documents"] + counts["val"]["documents"],
              counts["train"]["documents"], counts["val"]["documents"], total_tokens,
              corpus.stats.skipped_empty, corpus.stats.replaced_chars,
              corpus.stats.text_bytes / seconds / 1e6, total_tokens / seconds / 1e6)
@@ -202,24 +210,49 @@ def write_shards(corpus: Corpus, shard: ShardConfig, data: DataConfig, tokenizer
     }
 
 
-def shard_corpus(corpus: Corpus, shard: ShardConfig, data: DataConfig, layout: RunLayout) -> dict:
+MANIFEST_HEADER = ("format", "tokenizer_sha256", "vocab_size", "dtype", "eos_id", "bos_id", "pad_id", "val_fraction",
+                   "seed")
+
+
+def write_sources(ctx: Context, shard: ShardConfig, data: DataConfig, out: Path, parts: tuple[int, int] | None,
+                  text: bool = True, shards: bool = True) -> dict:
+    """Every source into `out`/<source>/{train,val} (shards sources: checked and referenced); the manifest.
+    `parts`: (num_parts, part) of this job's share of the text sources."""
+    num_parts, part = parts or (1, 0)
+    prefix = f"w{part:03d}-" if parts else ""
+    sp = load_tokenizer(ctx.layout.tokenizer)
+    header = {"format": "MMIDIDX", "format_version": 2, "tokenizer_sha256": sha256_file(ctx.layout.tokenizer),
+              "vocab_size": sp.get_piece_size(), "dtype": token_dtype(sp.get_piece_size()).name,
+              "eos_id": sp.eos_id(), "bos_id": sp.bos_id(), "pad_id": sp.pad_id(),
+              "val_fraction": data.val_fraction, "seed": data.seed}
+    sources = {}
+    for name, source in ctx.sources.items():
+        if source.shards and shards:
+            sources[name] = reference_shards(name, source, sp.get_piece_size(), sp.eos_id(), out / name)
+        elif not source.shards and text:
+            body = write_shards(ctx.source_corpus(name), shard, data, ctx.layout.tokenizer, out / name, num_parts,
+                                part, name_prefix=prefix, source=name)
+            sources[name] = {"splits": body["splits"], "corpus": body["corpus"]}
+    return {**header, "sources": sources}
+
+
+def shard_corpus(ctx: Context, shard: ShardConfig, data: DataConfig, layout: RunLayout) -> dict:
     """Run this job's share of the stage; returns the manifest once `shards/` is complete."""
     workers, index = shard.num_workers, shard.worker_index
     if workers == 1:
         staging = fresh_dir(layout.shards.with_name("shards.tmp"))
         with removed_on_error(staging):
-            manifest = write_shards(corpus, shard, data, layout.tokenizer, staging)
+            manifest = write_sources(ctx, shard, data, staging, None)
             atomic_write_json(staging / MANIFEST, manifest)
         replace_dir(staging, layout.shards)
         return manifest
     if index is None:
-        return merge_parts(layout, workers)
+        return merge_parts(ctx, layout, workers)
     layout.shard_parts.mkdir(parents=True, exist_ok=True)
     final = part_dir(layout, index)
     staging = fresh_dir(final.with_name(final.name + ".tmp"))
     with removed_on_error(staging):
-        manifest = write_shards(corpus, shard, data, layout.tokenizer, staging, workers, index,
-                                name_prefix=f"w{index:03d}-")
+        manifest = write_sources(ctx, shard, data, staging, (workers, index), shards=False)
         atomic_write_json(staging / PART_MANIFEST, {**manifest, "part": index, "num_parts": workers})
     replace_dir(staging, final)
     return manifest
@@ -235,8 +268,9 @@ def removed_on_error(staging: Path) -> Iterator[None]:
         raise
 
 
-def merge_parts(layout: RunLayout, workers: int) -> dict:
-    """Link every part's shards into one `shards/` folder with one manifest (parts stay until done)."""
+def merge_parts(ctx: Context, layout: RunLayout, workers: int) -> dict:
+    """Link every part's shards into one `shards/` folder with one manifest (parts stay until done); the
+    shards sources are checked here, once."""
     final = layout.shards
     manifests = []
     for index in range(workers):
@@ -247,25 +281,32 @@ def merge_parts(layout: RunLayout, workers: int) -> dict:
         manifests.append(json.loads(path.read_text()))
     first = manifests[0]
     for m in manifests:
-        if (m["num_parts"], m["tokenizer_sha256"], m["seed"], m["val_fraction"]) != (
-                workers, first["tokenizer_sha256"], first["seed"], first["val_fraction"]):
-            raise PipelineError(f"shard part {m['part']} was written with another tokenizer or split settings; "
-                                f"rerun it")
+        if (m["num_parts"], m["tokenizer_sha256"], m["seed"], m["val_fraction"], sorted(m.get("sources", {}))) != (
+                workers, first["tokenizer_sha256"], first["seed"], first["val_fraction"], sorted(first["sources"])):
+            raise PipelineError(f"shard part {m['part']} was written with another tokenizer, sources or split "
+                                f"settings; rerun it")
     staging = fresh_dir(final.with_name(final.name + ".tmp"))
-    merged = {key: value for key, value in first.items() if key not in ("part", "splits")}
-    merged["splits"] = {split: {"documents": 0, "tokens": 0, "shards": []} for split in SPLITS}
-    for index, m in enumerate(manifests):
-        for split in SPLITS:
-            (staging / split).mkdir(exist_ok=True)
-            for info in m["splits"][split]["shards"]:
-                for suffix in (".bin", ".idx"):
-                    os.link(part_dir(layout, index) / split / (info["prefix"] + suffix),
-                            staging / split / (info["prefix"] + suffix))
-            target = merged["splits"][split]
-            target["documents"] += m["splits"][split]["documents"]
-            target["tokens"] += m["splits"][split]["tokens"]
-            target["shards"] += m["splits"][split]["shards"]
     with removed_on_error(staging):
+        merged = {key: first[key] for key in (*MANIFEST_HEADER, "format_version")}
+        merged["num_parts"] = workers
+        merged["sources"] = {}
+        for name in first["sources"]:
+            body = {"splits": {split: {"documents": 0, "tokens": 0, "shards": []} for split in SPLITS},
+                    "corpus": first["sources"][name]["corpus"]}
+            for index, m in enumerate(manifests):
+                for split in SPLITS:
+                    (staging / name / split).mkdir(parents=True, exist_ok=True)
+                    part_split = m["sources"][name]["splits"][split]
+                    for info in part_split["shards"]:
+                        for suffix in (".bin", ".idx"):
+                            os.link(part_dir(layout, index) / name / split / (info["prefix"] + suffix),
+                                    staging / name / split / (info["prefix"] + suffix))
+                    target = body["splits"][split]
+                    target["documents"] += part_split["documents"]
+                    target["tokens"] += part_split["tokens"]
+                    target["shards"] += part_split["shards"]
+            merged["sources"][name] = body
+        merged["sources"].update(write_sources(ctx, ctx.cfg.shard, ctx.cfg.data, staging, None, text=False)["sources"])
         atomic_write_json(staging / MANIFEST, merged)
     replace_dir(staging, final)
     shutil.rmtree(layout.shard_parts)

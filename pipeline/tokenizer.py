@@ -36,7 +36,7 @@ def inputs(ctx: Context) -> dict:
     if cfg.path:
         path = Path(cfg.path)
         return {"reuse_sha256": sha256_file(path) if path.is_file() else "missing"}
-    data = {k: v for k, v in asdict(ctx.cfg.data).items() if k != "val_fraction"}
+    data = {k: v for k, v in asdict(ctx.cfg.data).items() if k not in ("val_fraction", "max_repetitions", "phases")}
     settings = {k: v for k, v in asdict(cfg).items() if k != "num_threads"}
     return {"tokenizer": settings, "data": data, "corpus": ctx.corpus_identity()}
 
@@ -45,7 +45,9 @@ def run(ctx: Context) -> list[Path]:
     if ctx.cfg.tokenizer.path:
         reuse_tokenizer(Path(ctx.cfg.tokenizer.path), ctx.layout.tokenizer)
     else:
-        train_tokenizer(ctx.open_corpus(), ctx.cfg.tokenizer, ctx.layout.tokenizer, seed=ctx.cfg.data.seed)
+        text = [name for name, source in ctx.sources.items() if not source.shards]
+        corpora = [(ctx.source_corpus(name), ctx.sources[name].weight) for name in text]
+        train_tokenizer(corpora, ctx.cfg.tokenizer, ctx.layout.tokenizer, seed=ctx.cfg.data.seed, names=text)
     return [ctx.layout.tokenizer]
 
 
@@ -73,26 +75,55 @@ def training_chunks(texts: Iterator[str], max_bytes: int) -> Iterator[str]:
             yield "".join(chunk)
 
 
-def train_tokenizer(corpus: Corpus, cfg: TokenizerConfig, out_path: Path, seed: int) -> None:
+def sample_shares(sizes: list[int], weights: list[float], max_sample_mb: float) -> list[float]:
+    """The share of each source's chunks to keep, so that the sample holds the sources in proportion to their
+    weights, as training will, with about max_sample_mb of text in all (0: no cap, all of it). A source too
+    small for its share gives all it has and the others share the rest of the budget (water-filling)."""
+    if not max_sample_mb:
+        return [1.0] * len(sizes)
+    keep = [0.0] * len(sizes)
+    remaining, active = max_sample_mb * 1e6, [i for i, w in enumerate(weights) if w > 0 and sizes[i]]
+    while active:
+        total = sum(weights[i] for i in active)
+        small = [i for i in active if sizes[i] <= remaining * weights[i] / total]
+        if not small:
+            for i in active:
+                keep[i] = remaining * weights[i] / total / sizes[i]
+            break
+        for i in small:
+            keep[i], remaining = 1.0, remaining - sizes[i]
+        active = [i for i in active if i not in small]
+    return keep
+
+
+def train_tokenizer(corpora: Corpus | list[tuple[Corpus, float]], cfg: TokenizerConfig, out_path: Path,
+                    seed: int, names: list[str] | None = None) -> None:
+    """On one corpus, or on a mixture's text sources as (corpus, weight): sampled in proportion to the weights."""
+    corpora = [(corpora, 1.0)] if isinstance(corpora, Corpus) else list(corpora)
     threads = cfg.num_threads or os.cpu_count() or 1
     progress = tqdm(desc="tokenize: reading", unit="doc", unit_scale=True, mininterval=1.0)
     # SentencePiece holds its whole sample in memory, and input_sentence_size counts chunks of up to
     # max_sentence_bytes (2M x 8 KiB = 16 GB): long documents also need a cap in bytes. A seeded share of the
     # chunks (not documents: one huge document must not be all or nothing), from the corpus's size on disk,
     # keeps about max_sample_mb of text (less for JSON, whose quoting counts on disk; more for compressed parquet).
-    disk_bytes = sum(Path(p).stat().st_size for p in corpus.paths)
-    keep = min(1.0, cfg.max_sample_mb * 1e6 / disk_bytes) if cfg.max_sample_mb and disk_bytes else 1.0
+    sizes = [sum(Path(p).stat().st_size for p in corpus.paths) for corpus, _ in corpora]
+    if len(corpora) == 1:
+        keeps = [min(1.0, cfg.max_sample_mb * 1e6 / sizes[0]) if cfg.max_sample_mb and sizes[0] else 1.0]
+    else:
+        keeps = sample_shares(sizes, [w for _, w in corpora], cfg.max_sample_mb)
     sampler = random.Random(seed)
-    if keep < 1:
-        log.info("tokenize: %.1f%% of the text sampled for training (%.0f MB on disk, tokenizer.max_sample_mb=%g)",
-                 100 * keep, disk_bytes / 1e6, cfg.max_sample_mb)
+    if min(keeps) < 1:
+        shown = [f"{100 * k:.1f}%" + (f" of {n}" if n else "") for k, n in zip(keeps, names or [""] * len(keeps))]
+        log.info("tokenize: %s of the text sampled for training (%.0f MB on disk, tokenizer.max_sample_mb=%g)",
+                 ", ".join(shown), sum(sizes) / 1e6, cfg.max_sample_mb)
 
     def sentences() -> Iterator[str]:
-        for text in corpus.texts():
-            progress.update()
-            for chunk in training_chunks([text], cfg.max_sentence_bytes):
-                if keep == 1 or sampler.random() < keep:
-                    yield chunk
+        for (corpus, _), keep in zip(corpora, keeps):
+            for text in corpus.texts():
+                progress.update()
+                for chunk in training_chunks([text], cfg.max_sentence_bytes):
+                    if keep == 1 or sampler.random() < keep:
+                        yield chunk
 
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)  # sampling and shuffling: the same corpus gives the same model
@@ -121,7 +152,7 @@ def train_tokenizer(corpus: Corpus, cfg: TokenizerConfig, out_path: Path, seed: 
         )
     except RuntimeError as exc:
         message = " ".join(str(exc).split())
-        if corpus.stats.documents == 0:
+        if not documents(corpora):
             raise PipelineError("the corpus has no non-empty document: check data.paths and data.text_field") from exc
         too_high = re.search(r"Vocabulary size too high.*?<= (\d+)", message)
         if too_high:
@@ -130,13 +161,22 @@ def train_tokenizer(corpus: Corpus, cfg: TokenizerConfig, out_path: Path, seed: 
         raise PipelineError(f"SentencePiece training failed: {message}") from exc
     finally:
         progress.close()
-    if corpus.stats.documents == 0:
+    if not documents(corpora):
         raise PipelineError("the corpus has no non-empty document: check data.paths and data.text_field")
+    empty = [name for name, (corpus, _) in zip(names or [], corpora) if not corpus.stats.documents]
+    if empty:
+        raise PipelineError(f"the corpus has no non-empty document (source {empty[0]}): check "
+                            f"data.sources.{empty[0]}.paths and its text_field")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_path, model.getvalue())
     log.info("tokenize: %d documents read (%d empty skipped, %d characters replaced), vocab %d, wrote %s",
-             corpus.stats.documents, corpus.stats.skipped_empty, corpus.stats.replaced_chars,
+             documents(corpora), sum(c.stats.skipped_empty for c, _ in corpora),
+             sum(c.stats.replaced_chars for c, _ in corpora),
              cfg.vocab_size, out_path)
+
+
+def documents(corpora: list[tuple[Corpus, float]]) -> int:
+    return sum(corpus.stats.documents for corpus, _ in corpora)
 
 
 def reuse_tokenizer(source: Path, out_path: Path) -> None:

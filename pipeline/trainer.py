@@ -94,11 +94,14 @@ class Trainer:
 
     def __init__(self, *, stage: str, section: str, engine, loader, eval_batches: Iterable, train: TrainConfig,
                  checkpoint_root: Path, metrics: MetricsLogger, flops_per_token: int, device: torch.device,
-                 model_config: dict, faults: Faults | None = None, optimizer: str = "adamw"):
+                 model_config: dict, faults: Faults | None = None, optimizer: str = "adamw",
+                 eval_weights: dict[str, float] | None = None):
         self.stage, self.section, self.engine, self.loader = stage, section, engine, loader
         self.optimizer = optimizer  # its state is in the checkpoint: a resume must use the same one
         self.eval_batches, self.train, self.metrics, self.device = eval_batches, train, metrics, device
         self.model_config, self.faults = model_config, faults
+        # a dict of eval sets (one per source of a mixture): val_loss/<source>, and val_loss their weighted mean
+        self.eval_weights = eval_weights or {}
         self.state = TrainerState(model=model_config)
         self.tokens_per_step = train.global_batch_size * train.seq_len
         self.guard = SkipGuard(train, section)
@@ -147,10 +150,11 @@ class Trainer:
             self.meter.add(None if skip else step_loss)
             step, last = self.state.step, self.state.step == train.max_steps
             if step % train.log_interval == 0 or last:
-                self.metrics.log(self.meter.record(step, lr, self.state.tokens_seen, self.guard))
+                self.metrics.log({**self.meter.record(step, lr, self.state.tokens_seen, self.guard),
+                                  **(self.loader.tokens_seen() if hasattr(self.loader, "tokens_seen") else {})})
                 self.checkpoints.record_if_written()
             if step % train.eval_interval == 0 or last:
-                self.metrics.log({"step": step, "val_loss": self.evaluate(), "tokens_seen": self.state.tokens_seen})
+                self.metrics.log({"step": step, **self.evaluate_all(), "tokens_seen": self.state.tokens_seen})
             saved = self.save() if step % train.save_interval == 0 or last else None
             if agreed[control.PREEMPT] and not last:  # every rank stops at this step boundary
                 self._stop_preempted(saved or self.save())
@@ -221,11 +225,22 @@ class Trainer:
         _, loss = self.engine(inputs, labels, mask=mask)
         return loss
 
+    def evaluate_all(self) -> dict:
+        """{"val_loss": ...}; with one eval set per source also each `val_loss/<source>`, and val_loss is
+        their mean weighted by the sources' training shares."""
+        if not isinstance(self.eval_batches, dict):
+            return {"val_loss": self.evaluate(self.eval_batches)}
+        losses = {name: self.evaluate(batches) for name, batches in self.eval_batches.items()}
+        weights = {n: self.eval_weights.get(n, 1.0) for n, loss in losses.items() if loss is not None}
+        total = sum(weights.values())
+        overall = sum(losses[n] * w for n, w in weights.items()) / total if total else None
+        return {"val_loss": overall, **{f"val_loss/{n}": loss for n, loss in losses.items()}}
+
     @torch.no_grad()
-    def evaluate(self) -> float | None:
+    def evaluate(self, eval_batches: Iterable | None = None) -> float | None:
         self.engine.eval()
         total = torch.zeros(2, device=self.device, dtype=torch.float64)
-        for batch in self.eval_batches:  # re-iterable: the same batches every time
+        for batch in self.eval_batches if eval_batches is None else eval_batches:  # re-iterable: the same every time
             loss = self._forward(batch)
             total += torch.stack([loss.detach().double(), torch.ones((), device=self.device, dtype=torch.float64)])
         dist.all_reduce(total)

@@ -290,16 +290,16 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-def split_documents(run_dir: Path) -> dict[str, list[list[int]]]:
-    """Every document of each split, in shard order, through the independent reader."""
+def split_documents(run_dir: Path, source: str = "corpus") -> dict[str, list[list[int]]]:
+    """Every document of each split of one source, in shard order, through the independent reader."""
     from mmidx_reference import independent_read
 
     manifest = json.loads((run_dir / "shards" / "manifest.json").read_text())
     docs = {}
-    for split, body in manifest["splits"].items():
+    for split, body in manifest["sources"][source]["splits"].items():
         docs[split] = []
         for shard in body["shards"]:
-            dtype, seqs = independent_read(run_dir / "shards" / split / shard["prefix"])
+            dtype, seqs = independent_read(run_dir / "shards" / source / split / shard["prefix"])
             assert dtype == np.dtype(manifest["dtype"])
             docs[split] += seqs
     return docs

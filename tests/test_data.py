@@ -110,7 +110,7 @@ def test_stream_is_the_concatenation_and_windows_span_shards(stream):
 
 
 def test_real_shards_from_the_cli(small_run):
-    manifest = json.loads((small_run / "shards" / "manifest.json").read_text())
+    manifest = json.loads((small_run / "shards" / "manifest.json").read_text())["sources"]["corpus"]
     s = open_split(small_run / "shards", "train", small_run / "tokenizer" / "tokenizer.model")
     assert s.num_tokens == manifest["splits"]["train"]["tokens"]
     tokens = s.read(0, s.num_tokens)

@@ -15,7 +15,7 @@ from pipeline import default_corpus as dc
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = 800  # documents: enough for file-handling tests, fast to write
-FILE_NAMES = ("corpus.jsonl", "instructions_train.jsonl", "instructions_eval.jsonl")
+FILE_NAMES = ("corpus.jsonl", "instructions_train.jsonl", "instructions_eval.jsonl", "prose.jsonl", "records.jsonl")
 
 
 def sha256s(directory: Path) -> dict[str, str]:
@@ -155,3 +155,15 @@ def test_partial_write_is_regenerated(tmp_path):
         fh.write(b"\n")
     dc.write_default_corpus(crashed, num_documents=SMALL)
     assert sha256s(crashed) == expected
+
+
+def test_the_sources_split_the_corpus_by_kind(tmp_path):
+    """The built-in mixture: every document of corpus.jsonl in exactly one source's file, in corpus order."""
+    dc.write_default_corpus(tmp_path, num_documents=SMALL)
+    corpus = [r["text"] for r in read_jsonl(tmp_path / "corpus.jsonl")]
+    by_source = {name: [r["text"] for r in read_jsonl(tmp_path / dc.source_file(name))] for name in dc.SOURCES}
+    assert sorted(corpus) == sorted(by_source["prose"] + by_source["records"])
+    world = dc.generate_world(1234)
+    assert [d for s, d in dc.iter_sourced_documents(world, 1234, SMALL) if s == "records"] == by_source["records"]
+    assert all(not doc.startswith(("[person]", "# person record")) for doc in by_source["prose"])
+    assert 0.1 < len(by_source["records"]) / len(corpus) < 0.4

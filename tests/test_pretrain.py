@@ -97,10 +97,13 @@ def test_a_sequence_beyond_the_model_is_refused_before_any_work(tmp_path):
 
 def unigram_entropy(run_dir: Path) -> float:
     """Entropy (nats) of the train tokens' unigram distribution: the loss of a model that ignores context."""
-    from pipeline.data import open_split
+    from pipeline.data import manifest_sources, open_split
 
-    stream = open_split(run_dir / "shards", "train", run_dir / "tokenizer" / "tokenizer.model", verify="off")
-    counts = np.bincount(stream.read(0, stream.num_tokens)).astype(np.float64)
+    counts = 0
+    for source in manifest_sources(run_dir / "shards"):  # the blend's shares are close to the sources' own
+        stream = open_split(run_dir / "shards", "train", run_dir / "tokenizer" / "tokenizer.model", verify="off",
+                            source=source)
+        counts = counts + np.bincount(stream.read(0, stream.num_tokens), minlength=1 << 16).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 

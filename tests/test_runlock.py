@@ -189,8 +189,8 @@ def test_shard_parts_of_a_job_array_lock_only_their_part(tmp_path, small_run, sm
     assert "taking it over from job 9001_0" in proc.stdout + proc.stderr
     merge = run_in_process(*args)
     assert merge.returncode == 0, merge.stderr
-    merged = json.loads(layout.manifest.read_text())["splits"]
-    single = json.loads(RunLayout.of(small_run).manifest.read_text())["splits"]
+    merged = json.loads(layout.manifest.read_text())["sources"]["corpus"]["splits"]
+    single = json.loads(RunLayout.of(small_run).manifest.read_text())["sources"]["corpus"]["splits"]
     assert {s: merged[s]["tokens"] for s in merged} == {s: single[s]["tokens"] for s in single}
     assert not list(layout.locks.iterdir())  # every part's lock and the run lock released
 

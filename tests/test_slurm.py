@@ -220,7 +220,7 @@ def test_the_shard_job_array_chain_with_a_failed_part_rerun(slurm_cluster, small
     assert merged["num_parts"] == 4 and merged["tokenizer_sha256"] == single["tokenizer_sha256"]
     for split in ("train", "val"):
         for key in ("documents", "tokens"):
-            assert merged["splits"][split][key] == single["splits"][split][key]
+            assert merged["sources"]["corpus"]["splits"][split][key] == single["sources"]["corpus"]["splits"][split][key]
     merged_docs, single_docs = split_documents(run_dir), split_documents(small_run)
     for split in ("train", "val"):
         assert sorted(map(tuple, merged_docs[split])) == sorted(map(tuple, single_docs[split]))
