@@ -61,12 +61,12 @@ def run(ctx: Context) -> list[Path]:
         log.warning("eval: no eval.tasks given and data=files has no built-in tasks: nothing evaluated; name "
                     "lm-eval tasks with eval.tasks=[...] (your own with eval.include_path=[DIR])")
         return []
+    evaluated = sources(ev, layout, strict=True)
     include = [str(Path(p).expanduser().resolve()) for p in ev.include_path]
     if uses_builtin(ctx):
         include.insert(0, str(write_builtin_tasks(ctx.cfg.data.seed, layout.eval_tasks)))
     manager = task_manager(names, include)
-    refuse_hub_tasks(manager, names)  # before any export is looked for: the tasks are the likelier mistake
-    evaluated = sources(ev, layout, strict=True)
+    refuse_hub_tasks(manager, names)  # before any model loads
     metrics = MetricsLogger(layout.run_dir, "eval", True, ctx.cfg.logging.wandb, ctx.resolved)
     files, rows = [], []
     try:

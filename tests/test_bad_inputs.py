@@ -203,7 +203,7 @@ def export_without_finetune(tmp: Path, small_run: Path) -> tuple[Path, list[str]
 
 
 def eval_without_export(tmp: Path, small_run: Path) -> tuple[Path, list[str]]:
-    return copied(small_run, tmp), ["stages=[eval]", "eval.tasks=[world_facts]"]
+    return copied(small_run, tmp), ["stages=[eval]", "eval.tasks=[hellaswag]"]
 
 
 # name: (setup, the stage that must fail, a phrase of its error line)

@@ -163,7 +163,9 @@ def test_a_user_task_folder_with_local_jsonl(evaluated, tmp_path):
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "my_capitals.yaml").write_text(MY_TASK.format(data=data))
-    run_dir = export_only(evaluated, tmp_path / "run")
+    run_dir = tmp_path / "run"
+    (run_dir / "export" / "pretrain").mkdir(parents=True)  # refused before any model loads: no weights needed
+    (run_dir / "export" / "pretrain" / "config.json").write_text("{}")
     command = (f"run_dir={run_dir}", "stages=[eval]", "eval.tasks=[my_capitals]", f"eval.include_path=[{tasks}]")
     proc = run_in_process(*command)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -184,9 +186,12 @@ def test_a_task_on_the_hub_is_refused_and_nothing_downloads(tmp_path, monkeypatc
         raise AssertionError(f"load_dataset{args} was called")
 
     monkeypatch.setattr(datasets, "load_dataset", download)
-    proc = run_in_process(f"run_dir={tmp_path}", "stages=[eval]", "eval.tasks=[hellaswag]")
+    run_dir = tmp_path / "run"
+    (run_dir / "export" / "pretrain").mkdir(parents=True)  # refused before any model loads: no weights needed
+    (run_dir / "export" / "pretrain" / "config.json").write_text("{}")
+    proc = run_in_process(f"run_dir={run_dir}", "stages=[eval]", "eval.tasks=[hellaswag]")
     lines = error_lines(proc)
     assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-3000:]
     assert "eval task 'hellaswag'" in lines[0] and "Hugging Face Hub ('Rowan/hellaswag')" in lines[0]
     assert "eval.include_path" in lines[0] and "dataset_path: json" in lines[0]
-    assert not (tmp_path / "eval" / "pretrain").exists() and not (tmp_path / "stages" / "eval.json").exists()
+    assert not (run_dir / "eval" / "pretrain").exists() and not (run_dir / "stages" / "eval.json").exists()
