@@ -163,9 +163,7 @@ def test_a_user_task_folder_with_local_jsonl(evaluated, tmp_path):
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "my_capitals.yaml").write_text(MY_TASK.format(data=data))
-    run_dir = tmp_path / "run"
-    (run_dir / "export" / "pretrain").mkdir(parents=True)  # refused before any model loads: no weights needed
-    (run_dir / "export" / "pretrain" / "config.json").write_text("{}")
+    run_dir = export_only(evaluated, tmp_path / "run")
     command = (f"run_dir={run_dir}", "stages=[eval]", "eval.tasks=[my_capitals]", f"eval.include_path=[{tasks}]")
     proc = run_in_process(*command)
     assert proc.returncode == 0, proc.stderr[-4000:]
