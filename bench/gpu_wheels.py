@@ -59,7 +59,7 @@ CARRY = {
 # In the image too, but carried: pydantic needs typing-extensions>=4.14.1, and the image's version is unknown.
 CARRIED_OVER_IMAGE = {"typing-extensions"}
 # pyproject.toml dependencies the benchmarks do not import (checked: importing them loads none of these).
-NOT_NEEDED = {"datasets": "datasets", "wandb": "wandb"}  # distribution -> its top-level module
+NOT_NEEDED = {"datasets": "datasets", "wandb": "wandb", "lm-eval": "lm_eval"}  # distribution -> its top-level module
 SUITE_MODULES = ["bench.train", "bench.checkpoint", "bench.attention", "bench.memory"]
 # The GPU machine: markers of Requires-Dist are evaluated for it, and wheels must carry one of its tags.
 TARGET = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",

@@ -9,13 +9,14 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from .batching import AUTO, BatchLayout
 from .errors import PipelineError
 from .vocab import MIN_VOCAB
 
-STAGES = ("tokenize", "shard", "pretrain", "finetune", "export")
+STAGES = ("tokenize", "shard", "pretrain", "finetune", "export", "eval")
 
 
 @dataclass
@@ -165,6 +166,19 @@ class ExportConfig:
 
 
 @dataclass
+class EvalConfig:
+    """The `eval` stage: lm-evaluation-harness on the exports, offline (pipeline/eval_stage.py)."""
+    source: str = "all"  # pretrain | finetune | all (each export that exists)
+    tasks: list[str] = field(default_factory=list)  # lm-eval task/group/tag names; empty: built-in ones on data=default
+    include_path: list[str] = field(default_factory=list)  # folders of the user's own task YAMLs (local data)
+    limit: Optional[float] = None  # documents per task (below 1: a fraction); None: all
+    num_fewshot: Optional[int] = None  # None: each task's own (0 for the built-in tasks)
+    batch_size: Any = 32  # a whole number, or "auto" (lm-eval finds the largest that fits)
+    device: Optional[str] = None  # None: cuda when available, else cpu
+    dtype: Optional[str] = None  # float32 | bfloat16 | float16 | auto (the export's); None: auto on GPU, float32 on CPU
+
+
+@dataclass
 class DeepSpeedConfig:
     name: str = "zero2"
     stage: int = 2
@@ -249,6 +263,7 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
@@ -291,6 +306,8 @@ def validate(cfg: PipelineConfig) -> None:
         validate_training(cfg, key)
     if training:
         validate_optimizer(cfg.optimizer, cfg.deepspeed)
+    if "eval" in cfg.stages:
+        validate_eval(cfg.eval)
 
 
 def built_in() -> tuple[str, ...]:
@@ -417,3 +434,26 @@ def optimizer_inputs(opt: OptimizerConfig) -> dict:
     """The optimizer group's share of a training stage's inputs. AdamW's settings are train.* keys, already
     in the inputs, so under adamw nothing is added: a run from before the group existed is not redone."""
     return {} if opt.name == "adamw" else {"optimizer": asdict(opt)}
+
+
+EVAL_SOURCES = ("pretrain", "finetune", "all")
+EVAL_DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def validate_eval(ev: EvalConfig) -> None:
+    """eval.*: what lm-eval would otherwise refuse after the exports are loaded, or take without a word."""
+    if ev.source not in EVAL_SOURCES:
+        raise PipelineError(f"eval.source={ev.source!r}: choose pretrain, finetune or all")
+    batch = ev.batch_size
+    if batch != AUTO and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise PipelineError(f"eval.batch_size={batch!r}: give a whole number of at least 1, or auto")
+    if ev.limit is not None and not ev.limit > 0:
+        raise PipelineError(f"eval.limit={ev.limit}: give a number of documents per task (or a fraction below 1), "
+                            f"or null for all")
+    if ev.num_fewshot is not None and ev.num_fewshot < 0:
+        raise PipelineError(f"eval.num_fewshot={ev.num_fewshot} must be at least 0 (or null: each task's own)")
+    if ev.dtype is not None and ev.dtype not in EVAL_DTYPES:
+        raise PipelineError(f"eval.dtype={ev.dtype!r}: choose one of {list(EVAL_DTYPES)}")
+    missing = [p for p in ev.include_path if not Path(p).expanduser().is_dir()]
+    if missing:
+        raise PipelineError(f"eval.include_path: {missing} is not a folder; give folders of lm-eval task YAML files")

@@ -70,7 +70,6 @@ def write_tokenizer(model_path: Path, out: Path, max_length: int) -> None:
             raise PipelineError(f"{model_path}: {piece} has id {sp.piece_to_id(piece)}, expected {expected}")
     atomic_write_bytes(out / "tokenizer.model", Path(model_path).read_bytes())
     fast = fast_tokenizer(model_path)
-    is_bpe = type(fast.model).__name__ == "BPE"
     atomic_write_bytes(out / "tokenizer.json", fast.to_str(pretty=True).encode())
     specials = {"unk_token": UNK, "bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
     atomic_write_json(out / "special_tokens_map.json", {k: _added_token(v, True) for k, v in specials.items()})
@@ -78,14 +77,17 @@ def write_tokenizer(model_path: Path, out: Path, max_length: int) -> None:
              for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i)
              or sp.id_to_piece(i) in CHAT_TOKENS}
     atomic_write_json(out / "tokenizer_config.json", {
-        # LlamaTokenizer (transformers 5) rebuilds a BPE from tokenizer.json's vocab and merges with the
-        # pre-tokenizer above; a unigram model needs the generic class, which loads tokenizer.json as is.
-        "tokenizer_class": "LlamaTokenizer" if is_bpe else "PreTrainedTokenizerFast",
+        # The generic fast class loads tokenizer.json as is, in transformers 4 and 5 alike, with the same ids.
+        # Not LlamaTokenizer: transformers 4's LlamaTokenizerFast, given add_prefix_space (below), rebuilds
+        # itself from the slow SentencePiece tokenizer, which needs protobuf (and crashes under protobuf<5).
+        "tokenizer_class": "PreTrainedTokenizerFast",
         **specials,
         "added_tokens_decoder": added,
         "add_bos_token": False,  # training documents carry no BOS (each ends with EOS)
         "add_eos_token": False,
-        "add_prefix_space": False,  # SentencePiece was trained with add_dummy_prefix=False
+        # SentencePiece was trained with add_dummy_prefix=False; llama.cpp's convert_hf_to_gguf.py reads this
+        # key for the GGUF's add_space_prefix (without it the GGUF would prepend a space)
+        "add_prefix_space": False,
         "legacy": False,
         # "<s>" in text is text for SentencePiece: do not match special tokens inside text
         "split_special_tokens": True,

@@ -58,6 +58,15 @@ class RunLayout:
     def export(self, source: str) -> Path:
         return self.run_dir / "export" / source
 
+    def eval_results(self, source: str) -> Path:
+        """lm-evaluation-harness results of one export (`results.json`)."""
+        return self.run_dir / "eval" / source
+
+    @property
+    def eval_tasks(self) -> Path:
+        """The built-in eval tasks (lm-eval YAML and local data), written by the eval stage."""
+        return self.run_dir / "eval" / "tasks"
+
     @property
     def metrics(self) -> Path:
         return self.run_dir / "metrics.jsonl"

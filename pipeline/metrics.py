@@ -63,8 +63,9 @@ class MetricsLogger:
             self._wandb.define_metric(f"{stage}/step")
             self._wandb.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
 
-    def log(self, record: dict, echo: bool = True) -> None:
-        """Append `record` (and show it on the console unless echo=False: a line said otherwise already)."""
+    def log(self, record: dict, echo: bool = True, wandb: bool = True) -> None:
+        """Append `record` (and show it on the console unless echo=False: a line said otherwise already);
+        wandb=False keeps it out of wandb's charts (results reported once go to `table`)."""
         if not self.enabled:
             return
         record = redact_values({"stage": self.stage, **{k: _plain(v) for k, v in record.items()}})
@@ -73,9 +74,18 @@ class MetricsLogger:
         if echo:
             shown = " ".join(f"{k}={_short(v)}" for k, v in record.items() if k != "stage" and v is not None)
             log.info("%s: %s", self.stage, shown)
-        if self._wandb is not None:
+        if self._wandb is not None and wandb:
             self._wandb.log({f"{self.stage}/{k}": v for k, v in record.items()
                              if k != "stage" and isinstance(v, (int, float))})
+
+    def table(self, key: str, columns: list[str], rows: list[list], summary: dict) -> None:
+        """Results reported once (the eval stage's): a wandb table under `key`, and `summary` in the run's
+        summary, which wandb shows beside other runs' (metrics.jsonl has the records already)."""
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({key: wandb.Table(columns=columns, data=rows)})
+            self._wandb.summary.update(summary)
 
     def rewind(self, step: int) -> None:
         """After a resume from `step`: drop this stage's records past it (the run before the crash logged

@@ -354,7 +354,7 @@ def eval_lines(evals: list[dict]) -> list[str]:
     return lines + ["", "± is the standard error the eval stage reports.", ""]
 
 
-STAGE_ORDER = ("tokenize", "shard", "pretrain", "finetune", "eval", "export")
+STAGE_ORDER = ("tokenize", "shard", "pretrain", "finetune", "export", "eval")
 
 
 def _stage_order(name: str) -> tuple[int, str]:
@@ -397,6 +397,7 @@ def artifacts(layout: RunLayout) -> list[str]:
         name = latest.read_text().strip() if latest.is_file() else None
         found.append((f"{stage} checkpoints", layout.checkpoints(stage) / (name or "")))
     found += [(f"export ({source})", layout.export(source)) for source in TRAINING_STAGES]
+    found += [(f"eval ({source})", layout.eval_results(source) / "results.json") for source in TRAINING_STAGES]
     found += [("metrics", layout.metrics), ("resolved config", layout.config), ("stage records", layout.records),
               ("logs (what the console left out)", layout.logs)]
     return [f"- {what}: `{path}`" for what, path in found if path.exists()]

@@ -19,7 +19,7 @@ from types import ModuleType
 
 import yaml
 
-from . import __version__, export, finetune, pretrain, shard, tokenizer
+from . import __version__, eval_stage, export, finetune, pretrain, shard, tokenizer
 from .batching import BatchLayout
 from .config import TRAINING_KEYS, PipelineConfig, validate
 from .context import Context
@@ -57,6 +57,7 @@ PIPELINE = (
     Stage("pretrain", pretrain, distributed=True),
     Stage("finetune", finetune, distributed=True),
     Stage("export", export, rank_zero_only=True),
+    Stage("eval", eval_stage, rank_zero_only=True),
 )
 
 

@@ -45,7 +45,7 @@ def assert_fails_well(proc, phrase: str, run_dir: Path, stage: str, before: set[
 
 # -- config: caught before run_dir is even created --------------------------------------------------
 
-# The default stages (all five on the built-in corpus): a bad value must stop the run before any of them.
+# The default stages (all six on the built-in corpus): a bad value must stop the run before any of them.
 CONFIG_CASES = {
     "unknown model preset": (["model=nope"], "Could not find 'model/nope'"),
     "unknown stage": (["stages=[tokenize,shard,pretrain,exprot]"], "unknown stage(s) ['exprot']"),
@@ -63,6 +63,9 @@ CONFIG_CASES = {
     "unknown schedule": (["train.schedule=linear"], "train.schedule='linear': choose cosine"),
     "heads do not divide dim": (["model.n_heads=3"], "model.n_heads=3"),
     "negative rank count": (["launch.nproc_per_node=-1"], "launch.nproc_per_node=-1 must be at least 0"),
+    "eval batch size zero": (["eval.batch_size=0"], "eval.batch_size=0: give a whole number of at least 1, or auto"),
+    "unknown eval source": (["eval.source=base"], "eval.source='base': choose pretrain, finetune or all"),
+    "eval include_path not a folder": (["eval.include_path=[/nonexistent/tasks]"], "is not a folder"),
 }
 
 
@@ -199,6 +202,10 @@ def export_without_finetune(tmp: Path, small_run: Path) -> tuple[Path, list[str]
     return copied(small_run, tmp), ["stages=[export]", "export.source=finetune"]
 
 
+def eval_without_export(tmp: Path, small_run: Path) -> tuple[Path, list[str]]:
+    return copied(small_run, tmp), ["stages=[eval]", "eval.tasks=[hellaswag]"]
+
+
 # name: (setup, the stage that must fail, a phrase of its error line)
 INPUT_CASES: dict[str, tuple[Setup, str, str]] = {
     "missing corpus path": (shard_stage(lambda tmp: tmp / "nope.jsonl"), "shard", "nope.jsonl' does not exist"),
@@ -221,6 +228,7 @@ INPUT_CASES: dict[str, tuple[Setup, str, str]] = {
     "finetune without a pretrain checkpoint": (finetune_without_pretrain, "finetune",
                                                "no complete pretrain checkpoint"),
     "export of a finetune that never ran": (export_without_finetune, "export", "no complete finetune checkpoint"),
+    "eval with no export": (eval_without_export, "eval", "no export under"),
 }
 
 
