@@ -72,7 +72,7 @@ def run(ctx: Context) -> list[Path]:
         if source.get("external"):  # referenced in place: not this stage's output
             continue
         for split, body in source["splits"].items():
-            folder = layout.shards / name / split
+            folder = layout.shards / source.get("folder", name) / split
             files += [folder / (info["prefix"] + suffix) for info in body["shards"] for suffix in (".bin", ".idx")]
     return files
 
@@ -230,10 +230,17 @@ def write_sources(ctx: Context, shard: ShardConfig, data: DataConfig, out: Path,
         if source.shards and shards:
             sources[name] = reference_shards(name, source, sp.get_piece_size(), sp.eos_id(), out / name)
         elif not source.shards and text:
-            body = write_shards(ctx.source_corpus(name), shard, data, ctx.layout.tokenizer, out / name, num_parts,
+            folder = source_folder(name, ctx.sources)
+            body = write_shards(ctx.source_corpus(name), shard, data, ctx.layout.tokenizer, out / folder, num_parts,
                                 part, name_prefix=prefix, source=name)
-            sources[name] = {"splits": body["splits"], "corpus": body["corpus"]}
+            sources[name] = {"splits": body["splits"], "corpus": body["corpus"], "folder": folder}
     return {**header, "sources": sources}
+
+
+def source_folder(name: str, sources: dict) -> str:
+    """Where a text source's train/ and val/ go below shards/: its own folder in a mixture; shards/ itself
+    for a run of one source (shards/train, shards/val: the layout of single-corpus runs and other tools)."""
+    return "." if len(sources) == 1 else name
 
 
 def shard_corpus(ctx: Context, shard: ShardConfig, data: DataConfig, layout: RunLayout) -> dict:
@@ -291,16 +298,17 @@ def merge_parts(ctx: Context, layout: RunLayout, workers: int) -> dict:
         merged["num_parts"] = workers
         merged["sources"] = {}
         for name in first["sources"]:
+            folder = first["sources"][name].get("folder", name)
             body = {"splits": {split: {"documents": 0, "tokens": 0, "shards": []} for split in SPLITS},
-                    "corpus": first["sources"][name]["corpus"]}
+                    "corpus": first["sources"][name]["corpus"], "folder": folder}
             for index, m in enumerate(manifests):
                 for split in SPLITS:
-                    (staging / name / split).mkdir(parents=True, exist_ok=True)
+                    (staging / folder / split).mkdir(parents=True, exist_ok=True)
                     part_split = m["sources"][name]["splits"][split]
                     for info in part_split["shards"]:
                         for suffix in (".bin", ".idx"):
-                            os.link(part_dir(layout, index) / name / split / (info["prefix"] + suffix),
-                                    staging / name / split / (info["prefix"] + suffix))
+                            os.link(part_dir(layout, index) / folder / split / (info["prefix"] + suffix),
+                                    staging / folder / split / (info["prefix"] + suffix))
                     target = body["splits"][split]
                     target["documents"] += part_split["documents"]
                     target["tokens"] += part_split["tokens"]

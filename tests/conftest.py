@@ -296,10 +296,11 @@ def split_documents(run_dir: Path, source: str = "corpus") -> dict[str, list[lis
 
     manifest = json.loads((run_dir / "shards" / "manifest.json").read_text())
     docs = {}
-    for split, body in manifest["sources"][source]["splits"].items():
+    body = manifest["sources"][source]
+    for split, split_body in body["splits"].items():
         docs[split] = []
-        for shard in body["shards"]:
-            dtype, seqs = independent_read(run_dir / "shards" / source / split / shard["prefix"])
+        for shard in split_body["shards"]:
+            dtype, seqs = independent_read(run_dir / "shards" / body.get("folder", source) / split / shard["prefix"])
             assert dtype == np.dtype(manifest["dtype"])
             docs[split] += seqs
     return docs

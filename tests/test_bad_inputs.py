@@ -260,7 +260,7 @@ def test_bad_input_through_the_real_cli(tmp_path, small_run, name):
 
 def corrupt_shard(tmp: Path, small_run: Path) -> tuple[Path, list[str]]:
     run_dir = copied(small_run, tmp)
-    path = next((run_dir / "shards" / "corpus" / "train").glob("*.bin"))
+    path = next((run_dir / "shards" / "train").glob("*.bin"))
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size: only the sha256 can tell
     path.write_bytes(bytes(data))
@@ -276,7 +276,7 @@ def out_of_vocab_shard(tmp: Path, small_run: Path) -> tuple[Path, list[str]]:
     manifest_path = run_dir / "shards" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     info = manifest["sources"]["corpus"]["splits"]["train"]["shards"][0]
-    prefix = run_dir / "shards" / "corpus" / "train" / info["prefix"]
+    prefix = run_dir / "shards" / "train" / info["prefix"]
     shard = IndexedDataset(prefix)
     tokens, sizes = np.array(shard.tokens), np.array(shard.sizes)
     del shard

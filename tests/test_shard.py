@@ -42,7 +42,7 @@ def test_manifest_describes_the_files(small_run):
     for split, body in manifest["sources"]["corpus"]["splits"].items():
         for shard in body["shards"]:
             for suffix in ("bin", "idx"):
-                data = (shards / "corpus" / split / f"{shard['prefix']}.{suffix}").read_bytes()
+                data = (shards / split / f"{shard['prefix']}.{suffix}").read_bytes()
                 assert hashlib.sha256(data).hexdigest() == shard[f"{suffix}_sha256"]
                 assert len(data) == shard[f"{suffix}_bytes"]
         assert body["tokens"] == sum(s["num_tokens"] for s in body["shards"])
@@ -64,7 +64,7 @@ def test_byte_identical_whatever_threads_and_batches(tmp_path, small_run, small_
                               f"shard.batch_mb={batch_mb}", "shard.shard_size_mb=0.01")
         assert proc.returncode == 0, proc.stderr
         digests.append(tree_digest(run_dir / "shards"))
-    assert len([k for k in digests[0] if k.startswith("corpus/train/")]) > 2  # several shards were written
+    assert len([k for k in digests[0] if k.startswith("train/")]) > 2  # several shards were written
     assert digests[0] == digests[1]
 
 
@@ -97,11 +97,11 @@ def test_killed_run_leaves_nothing_complete_and_rerun_finishes(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, *slow], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not list((run_dir / "shards.tmp").glob("corpus/train/*.idx")):
+    while time.monotonic() < deadline and not list((run_dir / "shards.tmp").glob("train/*.idx")):
         time.sleep(0.05)  # wait until at least one shard was published inside the staging folder
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert list((run_dir / "shards.tmp").glob("corpus/train/*.idx")), "the run finished before it could be killed"
+    assert list((run_dir / "shards.tmp").glob("train/*.idx")), "the run finished before it could be killed"
     assert not (run_dir / "shards").exists()
     assert not (run_dir / "stages" / "shard.json").exists()
     # the same stage inputs (shard size); batches and threads, which change no output byte, back to defaults
@@ -123,7 +123,7 @@ def test_complete_stages_are_skipped_and_changed_ones_rerun(tmp_path, small_corp
     assert "tokenize: complete and unchanged" in proc.stdout and "shard: running" in proc.stdout
     proc = run_in_process(*args, "data.val_fraction=0.2", "force=true")
     assert "tokenize: running" in proc.stdout and "shard: running" in proc.stdout
-    (tmp_path / "shards" / "corpus" / "val" / "00000.bin").write_bytes(b"damaged")  # a damaged output is rebuilt
+    (tmp_path / "shards" / "val" / "00000.bin").write_bytes(b"damaged")  # a damaged output is rebuilt
     proc = run_in_process(*args, "data.val_fraction=0.2")
     assert "shard: running" in proc.stdout and proc.returncode == 0
 

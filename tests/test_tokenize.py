@@ -81,5 +81,5 @@ def test_long_single_line_trains_and_encodes(tmp_path):
     proc = run_in_process(f"run_dir={tmp_path / 'run'}", "data=files", f"data.paths=[{corpus}]",
                           "stages=[tokenize,shard]", "tokenizer.vocab_size=400", "data.val_fraction=0")
     assert proc.returncode == 0, proc.stderr
-    first = IndexedDataset(tmp_path / "run" / "shards" / "corpus" / "train" / "00000")[0]
+    first = IndexedDataset(tmp_path / "run" / "shards" / "train" / "00000")[0]
     assert first[-1] == 2 and len(first) > len(line) // 12  # the whole line, then EOS
