@@ -291,14 +291,15 @@ def _dead_local_peers(me: int) -> list[tuple[int, str, int]]:
     """Peers on this host whose process is gone (a peer elsewhere can't be checked from here)."""
     host = socket.gethostname()
     for _ in range(5):  # a SIGKILLed peer closes its sockets before it is reaped: give /proc a moment
-        gone = [(r, node, pid) for r, (h, pid, node) in enumerate(_peers) if r != me and h == host and not _alive(pid)]
+        gone = [(r, node, pid) for r, (h, pid, node) in enumerate(_peers) if r != me and h == host and not pid_alive(pid)]
         if gone:
             return gone
         time.sleep(0.2)
     return []
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` on this host is running (a zombie is not)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         return state not in ("Z", "X")

@@ -18,6 +18,7 @@ import yaml
 from .checkpoint import find_resumable
 from .config import ExportConfig, ModelConfig
 from .context import Context
+from .control import pid_alive
 from .errors import PipelineError
 from .fsutil import (atomic_write_bytes, atomic_write_json, disk_full, fsync_dir, replace_dir, sha256_file,
                      space_message)
@@ -150,7 +151,7 @@ def export_model(export: ExportConfig, fallback_model: ModelConfig, layout: RunL
     target = layout.export(source)
     target.parent.mkdir(parents=True, exist_ok=True)
     for leftover in target.parent.glob(f"{source}.tmp-*"):  # an interrupted export's, unless still running
-        if not _pid_alive(leftover.name.rsplit("-", 1)[-1]):
+        if not _written_by_live_process(leftover):
             shutil.rmtree(leftover, ignore_errors=True)
     staging = target.with_name(f"{source}.tmp-{os.getpid()}")
     staging.mkdir()
@@ -185,14 +186,10 @@ def weights_bytes(tensors: dict, dtype) -> int:
     return sum(math.prod(t.shape) for t in tensors.values()) * torch.empty((), dtype=dtype).element_size()
 
 
-def _pid_alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
+def _written_by_live_process(staging: Path) -> bool:
+    """A staging folder `<source>.tmp-<pid>` whose writer still runs on this host."""
+    pid = staging.name.rsplit("-", 1)[-1]
+    return pid.isdigit() and pid_alive(int(pid))
 
 
 def export_sources(export: ExportConfig, fallback_model: ModelConfig, layout: RunLayout) -> list[Path]:

@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from .control import _alive
+from .control import pid_alive
 from .errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def gone_reason(holder: Holder, age_s: float, stale_s: float) -> str | None:
     if holder.job == "unknown":
         return "the lock file is unreadable"
     if holder.host == socket.gethostname():
-        if not _alive(holder.pid):
+        if not pid_alive(holder.pid):
             return f"its process (pid {holder.pid}) has exited"
         if holder.pid_start and _pid_start(holder.pid) != holder.pid_start:
             return f"its process (pid {holder.pid}) has exited (the pid now belongs to another process)"
