@@ -65,12 +65,18 @@ def prepare(source: Path, source_record: dict, stage: str) -> Path:
         if dist.get_rank() == 0:
             log.info("%s: reusing %s, the universal checkpoint of %s", stage, target, source.name)
         return target
+    failure = [""]
     if dist.get_rank() == 0:
         if problem:
             log.warning("%s: universal checkpoint %s is redone: %s", stage, target, problem)
-        convert(source, source_record, source_digest, stage)
+        try:
+            convert(source, source_record, source_digest, stage)
+        except PipelineError as exc:
+            failure = [str(exc)]
     with control.long_timeout():  # the conversion may outlast launch.step_timeout_s
-        dist.barrier()
+        dist.broadcast_object_list(failure, src=0)  # every rank stops with rank 0's reason
+    if failure[0]:
+        raise PipelineError(failure[0])
     record, problem = verify(target, digests=False, collective=True)
     if record is None:
         raise PipelineError(f"converting {source} to a universal checkpoint failed: {problem}")
@@ -153,8 +159,10 @@ def _clean_workers():
 
 @contextmanager
 def universal_load(engine):
-    """DeepSpeed's `"checkpoint": {"load_universal": true}` for one load, and the optimizer's group settings
-    kept: ZeRO 3's universal load gives every group the first group's (its weight decay to the norms too)."""
+    """DeepSpeed's `"checkpoint": {"load_universal": true}` for one load, with two of its ZeRO 3 slips undone:
+    it gives every group the first group's settings (its weight decay to the norms too) and one shared step."""
+    import torch
+
     groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
     engine._config.load_universal_checkpoint = True  # read only while loading (DeepSpeed 0.19)
     try:
@@ -163,6 +171,11 @@ def universal_load(engine):
         engine._config.load_universal_checkpoint = False
     for group, kept in zip(engine.optimizer.param_groups, groups):
         group.update(kept)
+    # ZeRO 3's universal load hands one `step` tensor to every group's state, and torch's Adam counts it up
+    # in place once per group: 2 groups, 2 steps per update (wrong bias correction from the first update)
+    for state in engine.basic_optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
 
 
 def prune_orphans(root: Path) -> None:
