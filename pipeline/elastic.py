@@ -73,6 +73,9 @@ def prepare(source: Path, source_record: dict, stage: str) -> Path:
             convert(source, source_record, source_digest, stage)
         except PipelineError as exc:
             failure = [str(exc)]
+        except OSError as exc:  # e.g. another run's read-only checkpoints
+            failure = [f"cannot write the universal checkpoint beside {source} ({exc}): copy that checkpoint "
+                       f"folder somewhere writable and resume from the copy"]
     with control.long_timeout():  # the conversion may outlast launch.step_timeout_s
         dist.broadcast_object_list(failure, src=0)  # every rank stops with rank 0's reason
     if failure[0]:
