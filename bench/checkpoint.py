@@ -14,6 +14,13 @@ writer idle (`steps_during_write`, `step_s_writing / step_s_idle`): the writer's
 or of the GPU's host. Finally the resume: `find_resumable` with every file's sha256 (verify_s) and
 `load_checkpoint` into the engine (load_s), as `train.resume=auto` does them.
 
+--elastic: the resume on another world size instead. Two spawned ranks build the engine, step once and save
+(ZeRO --zero, 2 ranks); then this process, a world of one, builds its engine and resumes from that checkpoint
+as train.resume does: `elastic.prepare` converts it to DeepSpeed's universal format (convert_s, with the
+peak resident memory of this process and its conversion workers, and the universal folder's size), then
+`load_checkpoint(universal=True)` (load_s); a second prepare finds the conversion done and verifies it
+(reuse_s, the sha256 of every file).
+
 Prints a table and appends one dated row per model and mode to bench/RESULTS.md.
 """
 import os
@@ -34,8 +41,9 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from bench.common import hardware, print_table, quiet_logs, record  # noqa: E402
+from bench.common import MemorySampler, hardware, print_table, quiet_logs, record  # noqa: E402
 from bench.train import join_world_of_one, load_model_config, sync  # noqa: E402
+from pipeline import elastic  # noqa: E402
 from pipeline.checkpoint import find_resumable, load_checkpoint, save_checkpoint  # noqa: E402
 from pipeline.checkpoint_writer import BackgroundWriter  # noqa: E402
 from pipeline.config import DeepSpeedConfig, PrecisionConfig, TrainConfig  # noqa: E402
@@ -89,6 +97,62 @@ def measure_resume(engine, root: Path) -> dict:
             "resume_s": f"{done - start:.2f}"}
 
 
+def _engine(name: str, args, device):
+    model_cfg = load_model_config(name, args.vocab)
+    train = TrainConfig(micro_batch_size=args.micro_batch, global_batch_size=args.micro_batch, seq_len=args.seq_len)
+    ds = DeepSpeedConfig(name=f"zero{args.zero}", stage=args.zero)
+    return build_engine(model_cfg, train, ds, PrecisionConfig(name=args.precision), device, 1)
+
+
+def _write_on_two_ranks(rank: int, port: int, name: str, root: str, args) -> None:
+    """One of two spawned ranks: build, step once, save step 1 under `root`."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    quiet_logs()
+    device = join_world_of_one()
+    engine, _ = _engine(name, args, device)
+    batch = torch.randint(4, args.vocab, (args.micro_batch, args.seq_len + 1), device=device)
+    train_step(engine, batch, device)
+    save_checkpoint(engine, Path(root), 1, {"step": 1, "tokens_seen": 0, "loader": None, "model": None}, keep_last=2)
+    engine.checkpoint_engine.wait()
+    torch.distributed.barrier()
+
+
+def measure_elastic(name: str, root: Path, args, device) -> dict:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.perf_counter()
+    mp.spawn(_write_on_two_ranks, args=(port, name, str(root), args), nprocs=2, join=True)
+    written = time.perf_counter() - start
+    engine, n_params = _engine(name, args, device)
+    folder, record_ = find_resumable(root, digests=True)
+    source_gb = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e9
+    with MemorySampler(tree=True) as memory:
+        base = memory.sample()
+        start = time.perf_counter()
+        universal = elastic.prepare(folder, record_, "bench")
+        converted = time.perf_counter()
+    load_checkpoint(engine, universal, universal=True)
+    loaded = time.perf_counter()
+    elastic.prepare(folder, record_, "bench")
+    reused = time.perf_counter()
+    size = sum(p.stat().st_size for p in universal.rglob("*") if p.is_file())
+    return {"model": name, "params": f"{n_params / 1e6:.0f}M", "zero": str(args.zero), "precision": args.precision,
+            "ranks": "2→1", "ckpt_gb": f"{source_gb:.2f}", "write_2_ranks_s": f"{written:.1f}",
+            "convert_s": f"{converted - start:.2f}", "universal_gb": f"{size / 1e9:.2f}",
+            "files": str(sum(1 for p in universal.rglob('*') if p.is_file())),
+            "rss_before_mib": f"{base:.0f}", "peak_rss_mib": f"{memory.peak:.0f}",
+            "load_s": f"{loaded - converted:.2f}", "resume_s": f"{loaded - start:.2f}",
+            "reuse_s": f"{reused - loaded:.2f}",
+            "workers": "{num_extract_workers}/{num_merge_workers}".format(**elastic.workers(folder, 2))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,6 +165,7 @@ def main() -> None:
     parser.add_argument("--saves", type=int, default=3, help="saves per mode (default 3)")
     parser.add_argument("--dir", type=Path, help="where checkpoints go (default: a temp folder, removed after)")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    parser.add_argument("--elastic", action="store_true", help="the conversion and resume on another world size")
     args = parser.parse_args()
     command = shlex.join(["python", *sys.argv])
 
@@ -111,12 +176,11 @@ def main() -> None:
     base = args.dir or Path(tempfile.mkdtemp(prefix="bench-checkpoint-"))
     rows = []
     try:
-        for name in args.model:
-            model_cfg = load_model_config(name, args.vocab)
-            train = TrainConfig(micro_batch_size=args.micro_batch, global_batch_size=args.micro_batch,
-                                seq_len=args.seq_len)
-            ds = DeepSpeedConfig(name=f"zero{args.zero}", stage=args.zero)
-            engine, n_params = build_engine(model_cfg, train, ds, PrecisionConfig(name=args.precision), device, 1)
+        for name in args.model if args.elastic else []:
+            rows.append(measure_elastic(name, base / name, args, device))
+            print(rows[-1], flush=True)
+        for name in [] if args.elastic else args.model:
+            engine, n_params = _engine(name, args, device)
             batch = torch.randint(4, args.vocab, (args.micro_batch, args.seq_len + 1), device=device)
             train_step(engine, batch, device)  # the optimizer state exists from here
             root = base / name
@@ -138,9 +202,13 @@ def main() -> None:
     table = [{k: row.get(k, "") for k in keys} for row in rows]
     print()
     print_table(table)
-    print(f"blocked: time in save_checkpoint; committed: until complete.json; slowdown: median train step "
-          f"while the writer works / with it idle (micro batch {args.micro_batch} × seq {args.seq_len}); "
-          f"resume: find_resumable with sha256 + load_checkpoint")
+    if args.elastic:
+        print("convert: elastic.prepare (ds_to_universal + record + rename); peak_rss: this process and its "
+              "workers; load: load_checkpoint(universal=True); reuse: prepare again (verify sha256)")
+    else:
+        print(f"blocked: time in save_checkpoint; committed: until complete.json; slowdown: median train step "
+              f"while the writer works / with it idle (micro batch {args.micro_batch} × seq {args.seq_len}); "
+              f"resume: find_resumable with sha256 + load_checkpoint")
     if not args.no_record:
         record(command, rows, hw)
 

@@ -21,6 +21,15 @@ from .errors import PipelineError
 AUTO = "auto"  # micro_batch_size=auto: probed before training (pipeline/autobatch.py)
 
 
+def working_ranks(global_batch: int, micro_batch: int) -> str:
+    """The rank counts that keep `global_batch` whole with `micro_batch` (a resume on another allocation may
+    only pick one of these without changing the global batch)."""
+    if global_batch < 1 or micro_batch < 1 or global_batch % micro_batch:
+        return f"no rank count divides it with micro batch {micro_batch}"
+    ranks = [r for r in range(1, global_batch // micro_batch + 1) if global_batch % (r * micro_batch) == 0]
+    return f"rank counts that work with micro batch {micro_batch}: {', '.join(map(str, ranks))}"
+
+
 
 
 @dataclass(frozen=True)
@@ -39,7 +48,8 @@ class BatchLayout:
             raise PipelineError(f"{self.key}.global_batch_size={self.global_batch} is not a multiple of "
                                 f"{self.key}.micro_batch_size × data-parallel ranks = {self.micro_batch} × "
                                 f"{self.world} = {per_step}: make it a multiple of {per_step}, or change "
-                                f"{self.key}.micro_batch_size or the number of ranks (launch.nproc_per_node)")
+                                f"{self.key}.micro_batch_size or the number of ranks (launch.nproc_per_node); "
+                                f"{working_ranks(self.global_batch, self.micro_batch)}")
 
     @classmethod
     def of(cls, section, key: str, world: int) -> "BatchLayout":
@@ -65,7 +75,7 @@ class BatchLayout:
             raise PipelineError(f"{key}.global_batch_size={section.global_batch_size} is not a multiple of the "
                                 f"{world} data-parallel ranks, so no {key}.micro_batch_size=auto can divide it: "
                                 f"make it a multiple of {world} or change the number of ranks "
-                                f"(launch.nproc_per_node)")
+                                f"(launch.nproc_per_node); {working_ranks(section.global_batch_size, 1)}")
 
     @staticmethod
     def micro_batch_choices(section, key: str, world: int) -> list[int]:

@@ -16,6 +16,7 @@ and never from one whose record does not verify. Our own files (RNG states) load
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 from .errors import PipelineError
+from .elastic import client_state, prune_orphans, universal_load
 from .faults import kill_point
 from .fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, sha256_file
 from .redaction import redact_values
@@ -84,7 +86,8 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, keep_las
         shutil.rmtree(folder)
     dist.barrier()
     writer.folder, writer.rank = folder, rank  # where a failed write leaves its marker
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)  # DeepSpeed's files, through the writer
+    # DeepSpeed's files, through the writer; with what a conversion to the universal format needs (elastic.py)
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state(), save_latest=False)
     writer.save(rng_state(), str(folder / f"rng_rank{rank:05d}.pt"))
     trainer_state = redact_values(trainer_state)
     writer.submit(lambda: _commit(writer, folder, step, rank, world, trainer_state, keep_last, timeout_s))
@@ -211,17 +214,19 @@ def find_resumable(root: Path, digests: bool = False, collective: bool = False) 
     return None
 
 
-def load_checkpoint(engine, folder: Path, restore_rng: bool = True) -> dict:
+def load_checkpoint(engine, folder: Path, restore_rng: bool = True, universal: bool = False) -> dict:
     """Collective. Restores model, optimizer and this rank's RNG state; returns the trainer state.
-    The caller has verified the folder's contents (verify with digests); sizes are checked again here."""
+    The caller has verified the folder's contents (verify with digests); sizes are checked again here.
+    `universal`: `folder` is a universal checkpoint (elastic.py), loaded on any world size."""
     import torch
     import torch.distributed as dist
 
     record, problem = verify(folder)
     if record is None:
         raise PipelineError(f"refusing to resume from {folder}: {problem}")
-    load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=False, load_module_strict=True)
+    with universal_load(engine) if universal else contextlib.nullcontext():  # by tag: never `latest_universal`
+        load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False, load_module_strict=True)
     if load_path is None:
         raise PipelineError(f"DeepSpeed could not load {folder}; resume from another one with train.resume=PATH")
     rng_path = folder / f"rng_rank{dist.get_rank():05d}.pt"
@@ -247,4 +252,5 @@ def prune(root: Path, keep_last: int, current: Path | None = None) -> None:
         doomed.discard(current)
     for folder in sorted(doomed):
         shutil.rmtree(folder, ignore_errors=True)
+    prune_orphans(root)
     fsync_dir(root)

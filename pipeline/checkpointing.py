@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from . import control
+from . import control, elastic
 from .checkpoint import RECORD, find_resumable, load_checkpoint, save_checkpoint, verify
 from .errors import PipelineError
 from .fsutil import no_space
@@ -57,7 +57,19 @@ class Checkpointer:
         if changed:
             raise PipelineError(f"checkpoint {folder} was written for another model (differs in {changed}); "
                                 f"use a new run_dir or {self.section}.resume=none")
-        return load_checkpoint(self.engine, folder, restore_rng=restore_rng)
+        world = dist.get_world_size()
+        if not elastic.needs_conversion(self.engine, record, world):  # ZeRO 0: the full state on every rank, any world
+            return load_checkpoint(self.engine, folder, restore_rng=restore_rng)
+        if dist.get_rank() == 0:
+            log.info("%s: %s was written by %d ranks, this run has %d: resuming through DeepSpeed's universal "
+                     "checkpoint format", self.stage, folder, record["world_size"], world)
+        started = time.perf_counter()
+        universal = elastic.prepare(folder, record, self.stage)
+        state = load_checkpoint(self.engine, universal, restore_rng=restore_rng, universal=True)
+        if dist.get_rank() == 0:
+            log.info("%s: loaded %s on %d ranks in %.1f s (conversion included); new checkpoints are native "
+                     "again", self.stage, universal, world, time.perf_counter() - started)
+        return state
 
     def _set_aside_old_checkpoints(self) -> None:
         """A fresh start must not share a folder with an older run's checkpoints (resume=auto would

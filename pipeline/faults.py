@@ -4,7 +4,8 @@
   is multiplied by FACTOR (default nan; e.g. 1000 for a loss spike).
 - PIPELINE_TEST_SKIP_RESTORE=rng|loader: a resume leaves that state as it is (proves the restore matters).
 - PIPELINE_TEST_KILL_IN_SAVE=STEP:POINT[:RANK] (rank 0 by default): the rank SIGKILLs itself at that point
-  of the save of STEP, as a node failure would (points: see checkpoint._commit).
+  of the save of STEP, as a node failure would (points: see checkpoint._commit), or of the conversion of
+  the checkpoint of STEP to the universal format (points universal, universal-rename: elastic.convert).
 """
 from __future__ import annotations
 

@@ -248,7 +248,6 @@ def test_a_time_limit_checkpoints_and_requeues_before_the_kill(slurm_cluster, tr
         assert verify(checkpoint, digests=True)[0] is not None, verify(checkpoint, digests=True)[1]
 
 
-@pytest.mark.xfail(strict=True, reason="resume on another world size: issue 15")
 def test_a_resubmission_on_one_node_resumes_the_two_node_run(slurm_cluster, trained, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)
