@@ -397,7 +397,7 @@ def two_local_ranks(tmp_path_factory, small_run) -> Path:
 
 
 BUILTIN = ("model=tiny", "launch.nproc_per_node=2")  # the built-in run: otherwise the default config
-BUILTIN_STEPS = 200
+BUILTIN_STEPS = 300
 
 
 @pytest.fixture(scope="session")

@@ -30,6 +30,9 @@ TRAIN = (*TINY, "deepspeed=zero2", "precision=fp32", "launch.nproc_per_node=1", 
 SBATCH = ("--gpus-per-node=0", "--cpus-per-task=1")
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
         "DEADLINE"}
+# runs meant to train until the test stops them: their planned steps would repeat the small corpus far past the
+# data.max_repetitions check, which is not what these tests are about
+UNTIL_STOPPED = ("data.max_repetitions=100000000",)
 
 
 def data(corpus: Path) -> tuple[str, ...]:
@@ -166,7 +169,8 @@ def test_a_lost_node_ends_the_job_within_the_step_timeout_naming_it(slurm_cluste
     run_dir = fresh_run(trained, tmp_path / "run")
     timeout_s = 40
     job = sbatch_run(slurm_cluster, tmp_path / "job.log", run_dir, "stages=[pretrain]", *TRAIN,
-                     "train.max_steps=100000", f"launch.step_timeout_s={timeout_s}", options=("--no-requeue",))
+                     "train.max_steps=100000", *UNTIL_STOPPED, f"launch.step_timeout_s={timeout_s}",
+                     options=("--no-requeue",))
     job.wait_for(at_step(3), 120, "step 3")
     ranks = [p for p in psutil.process_iter(["cmdline", "environ"])
              if (p.info["environ"] or {}).get("SLURM_JOB_ID") == job.id
@@ -232,7 +236,8 @@ def test_a_time_limit_checkpoints_and_requeues_before_the_kill(slurm_cluster, tr
     (a loaded machine) before its first stage: either way it is requeued before the kill."""
     run_dir = fresh_run(trained, tmp_path / "run")
     job = sbatch_run(slurm_cluster, tmp_path / "job.log", run_dir, "stages=[pretrain]", *TRAIN,
-                     "train.max_steps=1000000", "train.eval_interval=1000000", options=("--time=1", "--signal=B:USR1@30"))
+                     "train.max_steps=1000000", *UNTIL_STOPPED, "train.eval_interval=1000000",
+                     options=("--time=1", "--signal=B:USR1@30"))
     job.wait_for(lambda t: len(starts(t)) > 1, 200, "a second start")
     slurm_cluster.client("scancel", job.id)
     first = starts(job.text())[0]
