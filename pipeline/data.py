@@ -211,6 +211,14 @@ def _check_pin(pin_memory: bool) -> None:
         raise PipelineError("pin_memory=True needs a CUDA device; none is available (set it only for GPU training)")
 
 
+def check_resume_settings(state: dict, mine: dict) -> None:
+    """A loader resumes only with the seq_len, global batch and seed its checkpoint was written with."""
+    for key in ("seq_len", "global_batch_size", "seed"):
+        if state.get(key) != mine[key]:
+            raise PipelineError(f"refusing to resume: {key} is {mine[key]} but the checkpoint was written with "
+                                f"{state.get(key)}: set it back or start a new run")
+
+
 def check_rank(rank: int, world: int) -> None:
     if world < 1 or not 0 <= rank < world:
         raise PipelineError(f"bad data-parallel layout: dp_rank={rank}, dp_world={world}")
@@ -251,10 +259,7 @@ class PretrainLoader:
             raise PipelineError(f"refusing to resume: the shards changed since the checkpoint "
                                 f"(checkpoint {state.get('fingerprint')}, now {mine['fingerprint']}): "
                                 f"restore the original shards or start a new run")
-        for key in ("seq_len", "global_batch_size", "seed"):
-            if state.get(key) != mine[key]:
-                raise PipelineError(f"refusing to resume: {key} is {mine[key]} but the checkpoint was written with "
-                                    f"{state.get(key)}: set it back or start a new run")
+        check_resume_settings(state, mine)
         self.order.load_samples_consumed(state.get("samples_consumed"))
 
 

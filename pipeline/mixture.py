@@ -20,7 +20,7 @@ import numpy as np
 
 from .batching import BatchLayout, GlobalOrder
 from .config import DataConfig, PhaseConfig, SourceConfig
-from .data import _check_pin, _to_batch, check_rank, num_windows
+from .data import _check_pin, _to_batch, check_rank, check_resume_settings, num_windows
 from .errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -212,10 +212,7 @@ class MixtureLoader:
             raise PipelineError(f"refusing to resume: the sources or their shards changed since the checkpoint "
                                 f"(checkpoint {sorted(state.get('fingerprint') or {})}, now {sorted(self.names)}, "
                                 f"or their contents): restore them or start a new run")
-        for key in ("seq_len", "global_batch_size", "seed"):
-            if state.get(key) != mine[key]:
-                raise PipelineError(f"refusing to resume: {key} is {mine[key]} but the checkpoint was written with "
-                                    f"{state.get(key)}: set it back or start a new run")
+        check_resume_settings(state, mine)
         consumed, counts = state.get("samples_consumed"), state.get("sources") or {}
         if not isinstance(consumed, int) or consumed < 0 or consumed % self.layout.global_batch \
                 or sorted(counts) != sorted(self.names) or sum(counts.values()) != consumed:
