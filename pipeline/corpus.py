@@ -16,6 +16,7 @@ from pathlib import Path
 from contextlib import contextmanager
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -100,6 +101,12 @@ class Corpus:
 
     def texts(self) -> Iterator[str]:
         """Every non-empty document, cleaned, in corpus order."""
+        for texts in self.text_lists():
+            yield from texts
+
+    def text_lists(self) -> Iterator[list[str]]:
+        """The documents of `texts`, a list per batch of records read (per-document Python costs add up on
+        corpora of many small documents)."""
         for builder, paths in _runs_of_clean_files(self.paths):
             if len(paths) == 1:
                 yield from self._file_texts(paths[0])
@@ -108,17 +115,26 @@ class Corpus:
 
     def batches(self, batch_bytes: int, num_parts: int = 1, part: int = 0) -> Iterator[DocumentBatch]:
         """Documents in batches of about `batch_bytes`; with `num_parts`, only every num_parts-th
-        document starting at `part`, so that jobs split one corpus between them."""
+        document starting at `part`, so that jobs split one corpus between them. A batch ends with the
+        document that brings it to `batch_bytes` (characters: close enough to bytes for sizing a batch)."""
         batch = DocumentBatch()
-        for index, text in enumerate(self.texts()):
-            if index % num_parts != part:
-                continue
-            if batch.texts and batch.num_bytes >= batch_bytes:
-                yield batch
-                batch = DocumentBatch()
-            batch.indices.append(index)
-            batch.texts.append(text)
-            batch.num_bytes += len(text)  # characters: close enough to bytes for sizing a batch
+        start = 0  # corpus index of the next list's first document
+        for texts in self.text_lists():
+            first = (part - start) % num_parts
+            mine, indices = texts[first::num_parts], range(start + first, start + len(texts), num_parts)
+            start += len(texts)
+            sizes = np.cumsum(np.fromiter(map(len, mine), dtype=np.int64, count=len(mine)))
+            done = 0
+            while done < len(mine):
+                reached = np.searchsorted(sizes, sizes[done] - len(mine[done]) + batch_bytes - batch.num_bytes)
+                end = min(int(reached) + 1, len(mine))
+                batch.texts += mine[done:end]
+                batch.indices += indices[done:end]
+                batch.num_bytes += int(sizes[end - 1] - sizes[done]) + len(mine[done])
+                done = end
+                if batch.num_bytes >= batch_bytes:
+                    yield batch
+                    batch = DocumentBatch()
         if batch.texts:
             yield batch
 
@@ -173,8 +189,8 @@ class Corpus:
                           keep_linebreaks=True, encoding_errors="pipeline_replace")
         try:
             with _no_torch_in_datasets(datasets):
-                ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True,
-                                           **kwargs).with_format("arrow")
+                ds = datasets.load_dataset(builder, data_files={"train": _resolved(files)}, split="train",
+                                           streaming=True, **kwargs).with_format("arrow")
             for table in ds.iter(batch_size=1024):
                 if field_name not in table.column_names:
                     columns = ", ".join(table.column_names) or "none"
@@ -191,23 +207,27 @@ class Corpus:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise PipelineError(f"{shown}: cannot read as {builder}: {message}") from exc
 
-    def _clean(self, columns: Iterator[pa.Array], path: Path) -> Iterator[str]:
+    def _clean(self, columns: Iterator[pa.Array], path: Path) -> Iterator[list[str]]:
         """Count, repair and filter records: empty ones are skipped, NULs become U+FFFD."""
         for column in columns:
+            if pa.types.is_null(column.type):
+                self.stats.skipped_empty += len(column)
+                continue
             text_bytes = pc.sum(pc.binary_length(column)).as_py() or 0  # in Arrow, without copies
-            for record in column.to_pylist():
-                if not record or record.isspace():
-                    self.stats.skipped_empty += 1
-                    text_bytes -= len(record.encode("utf-8", "surrogatepass")) if record else 0
-                    continue
-                if "\x00" in record:
-                    nuls = record.count("\x00")
-                    self.stats.replaced_chars += nuls
-                    text_bytes += 2 * nuls  # U+FFFD takes three bytes
-                    record = record.replace("\x00", REPLACEMENT)
-                self.stats.documents += 1
-                yield record
+            nuls = pc.sum(pc.count_substring(column, "\x00")).as_py() or 0
+            records = column.to_pylist()
+            texts = [record for record in records if record and not record.isspace()]
+            if len(texts) < len(records):
+                self.stats.skipped_empty += len(records) - len(texts)
+                text_bytes -= sum(len(r.encode("utf-8", "surrogatepass")) for r in records if r and r.isspace())
+            if nuls:
+                self.stats.replaced_chars += nuls
+                text_bytes += 2 * nuls  # U+FFFD takes three bytes
+                texts = [text.replace("\x00", REPLACEMENT) for text in texts]
+            self.stats.documents += len(texts)
             self.stats.text_bytes += text_bytes
+            if texts:
+                yield texts
 
 
 def _runs_of_clean_files(paths: list[Path]) -> Iterator[tuple[str, list[Path]]]:
@@ -226,6 +246,14 @@ def _runs_of_clean_files(paths: list[Path]) -> Iterator[tuple[str, list[Path]]]:
             run.append(path)
     if run:
         yield BUILDERS[run[0].suffix.lower()], run
+
+
+def _resolved(files: list[Path]):
+    """`files` as datasets' list of resolved data files (with the mtimes it hashes, as it records local files):
+    datasets would otherwise resolve each path as a glob pattern, which costs more than reading a 24 KB file."""
+    from datasets.data_files import DataFilesList
+
+    return DataFilesList([str(f) for f in files], [(str(f.stat().st_mtime),) for f in files])
 
 
 @contextmanager

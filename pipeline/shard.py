@@ -149,10 +149,9 @@ def encoded(sp, batches: Iterator[DocumentBatch], threads: int) -> Iterator[tupl
 
 def flatten_with_eos(ids: list[np.ndarray], eos: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """One flat token array with EOS after every document, and each document's length (EOS included)."""
-    eos_array = np.array([eos], dtype=dtype)
-    flat = np.concatenate([piece for doc in ids for piece in (doc.astype(dtype, copy=False), eos_array)])
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 1
-    return flat, lengths
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.insert(np.concatenate(ids).astype(dtype, copy=False), np.cumsum(lengths), np.array(eos, dtype=dtype))
+    return flat, lengths + 1
 
 
 def write_shards(corpus: Corpus, shard: ShardConfig, data: DataConfig, tokenizer_path: Path, out_dir: Path,

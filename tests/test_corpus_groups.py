@@ -57,3 +57,30 @@ def test_an_error_names_its_file_among_many(tmp_path):
         for text in corpus.texts():
             seen.append(text)
     assert seen == ["doc 0", "doc 1"]  # each document once, up to the bad file
+
+
+@pytest.mark.parametrize("num_parts, batch_bytes", [(1, 1), (1, 50), (3, 40), (2, 10_000)])
+def test_batches_cut_at_the_document_that_fills_them(tmp_path, num_parts, batch_bytes):
+    """Corpus.batches over lists of records: each job's every num_parts-th document, in order, with its corpus
+    index; a batch ends with the document that brings it to batch_bytes, not before."""
+    path = tmp_path / "docs.jsonl"
+    texts = [f"document {i} " + "x" * (i * 7 % 23) for i in range(2500)]  # more than one reader batch (1024)
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    for part in range(num_parts):
+        batches = list(Corpus([path], DataConfig(source="files")).batches(batch_bytes, num_parts, part))
+        assert [i for b in batches for i in b.indices] == list(range(part, len(texts), num_parts))
+        assert [t for b in batches for t in b.texts] == texts[part::num_parts]
+        for batch in batches:
+            assert batch.num_bytes == sum(map(len, batch.texts))
+        for batch in batches[:-1]:
+            assert batch.num_bytes >= batch_bytes > batch.num_bytes - len(batch.texts[-1])
+
+
+def test_flatten_with_eos():
+    import numpy as np
+
+    from pipeline.shard import flatten_with_eos
+
+    flat, lengths = flatten_with_eos([np.array([5, 6], np.int32), np.array([], np.int32), np.array([7], np.int32)],
+                                     eos=2, dtype=np.dtype(np.uint16))
+    assert flat.dtype == np.uint16 and flat.tolist() == [5, 6, 2, 2, 7, 2] and lengths.tolist() == [3, 1, 2]
