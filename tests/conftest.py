@@ -5,8 +5,9 @@
   `run_config_checks` (the entry point's checks only: the config-error matrix), `run_in_process` (stages that
   need no ranks), `run_on_ranks` (distributed stages on ranks forked by tests/distributed.py).
 - `TINY`: the one set of tiny training overrides every training test starts from.
-- Session fixtures, shared by every module: small corpora with their tokenizer and shards, and trained runs.
-  Never write into one: copy it first (`fresh_run`, shutil.copytree).
+- Session fixtures, shared by every module: small corpora with their tokenizer and shards, and trained runs,
+  each made once per test run, also across pytest-xdist workers (`made_once`). Never write into one: copy it
+  first (`fresh_run`, shutil.copytree).
 """
 from __future__ import annotations
 
@@ -216,10 +217,36 @@ def mixed_documents(n: int, seed: int = 0) -> list[str]:
     return docs
 
 
+def shared_root(tmp_path_factory) -> Path:
+    """Where made_once keeps its folders: below the base temp that every pytest-xdist worker of a run shares."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "made-once"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def made_once(tmp_path_factory, name: str, make: Callable[[Path], object]) -> Path:
+    """The folder `name`, filled by `make(folder)` once per test run. Under pytest-xdist each worker is a session
+    of its own: the first worker to ask makes it under a file lock while the others wait, then all of them read
+    the same folder (below the run's shared base temp)."""
+    from filelock import FileLock
+
+    root = shared_root(tmp_path_factory)
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("corpus") / "docs.jsonl",
-                       [{"text": d} for d in mixed_documents(400)])
+    folder = made_once(tmp_path_factory, "corpus", lambda folder: write_jsonl(
+        folder / "docs.jsonl", [{"text": d} for d in mixed_documents(400)]))
+    return folder / "docs.jsonl"
 
 
 SMALL_RUN = ("data=files", "tokenizer.vocab_size=600", "data.val_fraction=0.1", "stages=[tokenize,shard]")
@@ -228,20 +255,22 @@ SMALL_RUN = ("data=files", "tokenizer.vocab_size=600", "data.val_fraction=0.1", 
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory, small_corpus) -> Path:
     """A run directory with a trained tokenizer and shards of `small_corpus`."""
-    run_dir = tmp_path_factory.mktemp("run")
-    proc = run_in_process(f"run_dir={run_dir}", f"data.paths=[{small_corpus}]", *SMALL_RUN)
-    assert proc.returncode == 0, proc.stderr
-    return run_dir
+    def make(run_dir: Path) -> None:
+        proc = run_in_process(f"run_dir={run_dir}", f"data.paths=[{small_corpus}]", *SMALL_RUN)
+        assert proc.returncode == 0, proc.stderr
+
+    return made_once(tmp_path_factory, "run", make)
 
 
 @pytest.fixture(scope="session")
 def data_run(tmp_path_factory) -> Path:
     """Tokenizer and shards of a small built-in corpus (copy it before writing into it)."""
-    run_dir = tmp_path_factory.mktemp("data")
-    proc = run_in_process(f"run_dir={run_dir}", "stages=[tokenize,shard]", "data.default_num_documents=2000",
-                          "tokenizer.vocab_size=1024", "data.val_fraction=0.05")
-    assert proc.returncode == 0, proc.stderr
-    return run_dir
+    def make(run_dir: Path) -> None:
+        proc = run_in_process(f"run_dir={run_dir}", "stages=[tokenize,shard]", "data.default_num_documents=2000",
+                              "tokenizer.vocab_size=1024", "data.val_fraction=0.05")
+        assert proc.returncode == 0, proc.stderr
+
+    return made_once(tmp_path_factory, "data", make)
 
 
 # -- one tiny training setup --------------------------------------------------------------------------
@@ -319,12 +348,14 @@ def zero_run(tmp_path_factory, data_run) -> Callable[[str, str], Path]:
     the training, test_export exports it. Read it, or copy it."""
     runs: dict[tuple[str, str], Path] = {}
 
+    def make(zero: str, precision: str, run_dir: Path) -> None:
+        run_on_ranks(f"run_dir={fresh_run(data_run, run_dir)}", "stages=[pretrain]", *TINY, f"deepspeed={zero}",
+                     f"precision={precision}", *ZERO_RUN)
+
     def get(zero: str, precision: str) -> Path:
         if (zero, precision) not in runs:
-            run_dir = fresh_run(data_run, tmp_path_factory.mktemp(f"{zero}-{precision}"))
-            run_on_ranks(f"run_dir={run_dir}", "stages=[pretrain]", *TINY, f"deepspeed={zero}",
-                         f"precision={precision}", *ZERO_RUN)
-            runs[zero, precision] = run_dir
+            runs[zero, precision] = made_once(tmp_path_factory, f"{zero}-{precision}",
+                                              lambda run_dir: make(zero, precision, run_dir))
         return runs[zero, precision]
 
     return get
@@ -348,17 +379,18 @@ def uninterrupted(tmp_path_factory, data_run):
     pool = ThreadPoolExecutor(max_workers=1)
     futures: dict[str, Future] = {}
 
-    def launch(run_dir: Path, arguments: tuple) -> Path:
+    def make(run_dir: Path, arguments: tuple) -> None:
+        fresh_run(data_run, run_dir)
         with tempfile.TemporaryDirectory(prefix="rank-logs-") as logs:
             run_distributed_test(run_stages, 2, args=(*arguments, {}, logs), init=False, timeout=600)
-        return run_dir
 
     def get(zero: str) -> Future:
         if zero not in futures:
-            run_dir = fresh_run(data_run, tmp_path_factory.mktemp(f"uninterrupted-{zero}"))
+            name = f"uninterrupted-{zero}"
+            run_dir = shared_root(tmp_path_factory) / name
             arguments = entry_point_arguments(f"run_dir={run_dir}", "stages=[pretrain]", *TINY, f"deepspeed={zero}",
                                               *REFERENCE)  # here: it installs signal handlers (main thread)
-            futures[zero] = pool.submit(launch, run_dir, arguments)
+            futures[zero] = pool.submit(made_once, tmp_path_factory, name, lambda folder: make(folder, arguments))
         return futures[zero]
 
     yield get
@@ -388,12 +420,13 @@ STEPS = ("deepspeed=zero2", "precision=fp32", "train.max_steps=8", "train.eval_i
 def two_local_ranks(tmp_path_factory, small_run) -> Path:
     """small_run's data, TINY + STEPS on 2 local ranks started by the pipeline itself (not under a launcher):
     the reference of the launcher tests and of 1 rank with gradient accumulation."""
-    run_dir = fresh_run(small_run, tmp_path_factory.mktemp("two_local_ranks"))
-    proc = pretrain_cli(run_dir, *STEPS, "launch.nproc_per_node=2")
-    assert "2 ranks ×" in proc.stdout and f"report in {run_dir / 'report' / 'report.md'}" in proc.stdout
-    assert proc.stdout.count("run finished:") == 1  # the local ranks leave the report to this process
-    assert "final val loss" in (run_dir / "report" / "report.md").read_text()
-    return run_dir
+    def make(run_dir: Path) -> None:
+        proc = pretrain_cli(fresh_run(small_run, run_dir), *STEPS, "launch.nproc_per_node=2")
+        assert "2 ranks ×" in proc.stdout and f"report in {run_dir / 'report' / 'report.md'}" in proc.stdout
+        assert proc.stdout.count("run finished:") == 1  # the local ranks leave the report to this process
+        assert "final val loss" in (run_dir / "report" / "report.md").read_text()
+
+    return made_once(tmp_path_factory, "two_local_ranks", make)
 
 
 BUILTIN = ("model=tiny", "launch.nproc_per_node=2")  # the built-in run: otherwise the default config
@@ -405,14 +438,15 @@ def builtin_pretrained(tmp_path_factory) -> Path:
     """The built-in world (default corpus and config, model=tiny, 2 ranks) through tokenize, shard and
     BUILTIN_STEPS pretraining steps (run_in_process, run_on_ranks), validated every 50: long enough for the tiny model to hold some of its
     facts (test_finetune) and to learn the corpus well below its unigram entropy (test_pretrain)."""
-    run_dir = tmp_path_factory.mktemp("builtin")
-    command = (f"run_dir={run_dir}", *BUILTIN, f"train.max_steps={BUILTIN_STEPS}", "train.eval_interval=50",
-               f"train.save_interval={BUILTIN_STEPS}", "train.log_interval=50")
-    # as the CLI runs stages=[tokenize,shard,pretrain]: the data stages in its own process, then the ranks
-    proc = run_in_process(*command, "stages=[tokenize,shard]")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    run_on_ranks(*command, "stages=[pretrain]")
-    return run_dir
+    def make(run_dir: Path) -> None:
+        command = (f"run_dir={run_dir}", *BUILTIN, f"train.max_steps={BUILTIN_STEPS}", "train.eval_interval=50",
+                   f"train.save_interval={BUILTIN_STEPS}", "train.log_interval=50")
+        # as the CLI runs stages=[tokenize,shard,pretrain]: the data stages in its own process, then the ranks
+        proc = run_in_process(*command, "stages=[tokenize,shard]")
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        run_on_ranks(*command, "stages=[pretrain]")
+
+    return made_once(tmp_path_factory, "builtin", make)
 
 
 # -- checkpoints and background launches, for the fault and optimizer tests ---------------------------------

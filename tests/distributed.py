@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 import time
 import traceback
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
-# what every rank would import anyway (torch._dynamo: the optimizers' first use imports it)
+# what every rank would import anyway (torch._dynamo: the optimizers' first use imports it; matplotlib: rank 0's
+# report); rank_preload: what each rank would do at start-up anyway
 PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "numpy", "sentencepiece", "deepspeed",
            "deepspeed.runtime.engine", "deepspeed.runtime.zero.stage_1_and_2", "deepspeed.runtime.zero.stage3",
-           "pipeline.runner", "pipeline.pretrain", "pipeline.engine", "pipeline.trainer", "pipeline.data",
-           "pipeline.checkpoint"]
+           "pipeline.runner", "pipeline.pretrain", "pipeline.finetune", "pipeline.engine", "pipeline.trainer",
+           "pipeline.data", "pipeline.mixture", "pipeline.checkpoint", "pipeline.elastic", "pipeline.report",
+           "matplotlib.figure", "matplotlib.backends.backend_agg", "rank_preload"]
 
 
 def free_port() -> int:
@@ -68,6 +72,22 @@ def _failures(errors: str) -> str:
                      for i, (_, rank, text) in enumerate(sorted(found)))
 
 
+@contextmanager
+def _forkserver_sys_path():
+    """This process's sys.path as PYTHONPATH while the forkserver may start: before Python 3.12 it ignores the
+    sys.path it is handed, and the preloads of this checkout's pipeline modules (and rank_preload, here in
+    tests/) would fail silently, leaving every rank to import them itself."""
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = saved
+
+
 def run_distributed_test(fn, world_size: int = 2, backend: str = "gloo", *, args: tuple = (),
                          kwargs: dict | None = None, timeout: float = 300, init: bool = True,
                          start_method: str = "forkserver") -> None:
@@ -79,7 +99,7 @@ def run_distributed_test(fn, world_size: int = 2, backend: str = "gloo", *, args
 
     if start_method == "forkserver":
         multiprocessing.set_forkserver_preload(PRELOAD)
-    with tempfile.TemporaryDirectory(prefix="ranks-") as errors:
+    with tempfile.TemporaryDirectory(prefix="ranks-") as errors, _forkserver_sys_path():
         context = mp.start_processes(_rank_main, args=(world_size, backend, free_port(), init, errors, fn, args,
                                                        kwargs or {}),
                                      nprocs=world_size, join=False, start_method=start_method)

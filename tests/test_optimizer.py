@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import error_lines, run_cli
+from conftest import error_lines, run_config_checks
 from pipeline.checkpoint import tag_for
 from pipeline.config import (DeepSpeedConfig, ModelConfig, OptimizerConfig, PrecisionConfig, TrainConfig,
                              optimizer_inputs, validate_optimizer)
@@ -108,15 +108,20 @@ def test_unsupported_combinations_end_with_one_error_line(tmp_path):
     for overrides, match in ((["optimizer=muon", "deepspeed=zero3_offload"], "does not run with offload"),
                              (["optimizer=muon", "optimizer.ns_method=svd"], "ns_method"),
                              (["optimizer=lion"], "optimizer")):
-        proc = run_cli(f"run_dir={tmp_path}", "stages=[pretrain]", *overrides)
+        proc = run_config_checks(f"run_dir={tmp_path}", "stages=[pretrain]", *overrides)  # the entry point's checks
         errors = error_lines(proc)
         assert proc.returncode != 0 and len(errors) == 1 and match in errors[0], proc.stderr[-2000:]
 
 
-# -- for real: 2 CPU ranks -------------------------------------------------------------------------------
-from conftest import (TINY, Launch, checkpoints, fresh_run, records, same_state, skip_records,  # noqa: E402
-                      tensors)
-from conftest import pretrain_cli as pretrain  # noqa: E402
+# -- for real: 2 CPU ranks (run_on_ranks; the CLI where a run is killed or must end in an error line) --------
+from conftest import (TINY, Launch, checkpoints, fresh_run, records, run_in_process, run_on_ranks,  # noqa: E402
+                      same_state, skip_records, tensors)
+from conftest import pretrain_cli  # noqa: E402
+
+
+def pretrain(run_dir, *overrides: str, env: dict | None = None) -> str:
+    """`python -m pipeline stages=[pretrain]` with TINY, then `overrides`, on 2 ranks (run_on_ranks)."""
+    return run_on_ranks(f"run_dir={run_dir}", "stages=[pretrain]", *TINY, *overrides, env=env)
 
 
 def momentum(run_dir, step: int) -> list[torch.Tensor]:
@@ -158,7 +163,7 @@ def test_muon_resumes_bit_exact_after_a_kill(tmp_path, data_run, zero):
     pretrain(reference, *args)
     run_dir = fresh_run(data_run, tmp_path / "killed")
     complete = checkpoints(run_dir) / tag_for(4) / "complete.json"
-    launch = Launch(run_dir, args, None, "killed")
+    launch = Launch(run_dir, args, None, "killed")  # the CLI's whole process tree, SIGKILLed
     assert launch.finish(kill_when=complete.is_file) != 0
     assert not (checkpoints(run_dir) / tag_for(8) / "complete.json").exists()
     pretrain(run_dir, *args)
@@ -169,7 +174,7 @@ def test_muon_resumes_bit_exact_after_a_kill(tmp_path, data_run, zero):
     assert any("resumed_from" in json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
     # Muon's state cannot continue as AdamW's: refused before any step
     other = [a if a != "optimizer=muon" else "optimizer=adamw" for a in args if not a.startswith("train.max_steps")]
-    proc = pretrain(run_dir, *other, "train.max_steps=10", check=False)
+    proc = pretrain_cli(run_dir, *other, "train.max_steps=10", check=False)
     errors = error_lines(proc)
     assert proc.returncode != 0 and errors and "was written with optimizer=muon, this run has optimizer=adamw" \
         in errors[0], proc.stderr[-3000:]
@@ -181,11 +186,9 @@ def test_a_skipped_update_leaves_muon_weights_and_momentum_as_they_were(tmp_path
     it folded the gradient into) is skipped by the spike guard; rank 0's loss is NaN at step 7. Neither
     update moves the weights, the AdamW moments or Muon's momentum; the updates around them do."""
     run_dir = fresh_run(data_run, tmp_path)
-    proc = run_cli(f"run_dir={run_dir}", "stages=[pretrain]", *TINY, "optimizer=muon", "deepspeed=zero2",
-                   "precision=fp32", "train.max_steps=8", "train.save_interval=1", "train.keep_last=20",
-                   "train.eval_interval=100", "launch.nproc_per_node=2", "train.spike_threshold=5",
-                   "train.spike_window=2", env={"PIPELINE_TEST_NAN_AT": "4:1:1000,7:0"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    pretrain(run_dir, "optimizer=muon", "deepspeed=zero2", "precision=fp32", "train.max_steps=8",
+             "train.save_interval=1", "train.keep_last=20", "train.eval_interval=100", "train.spike_threshold=5",
+             "train.spike_window=2", env={"PIPELINE_TEST_NAN_AT": "4:1:1000,7:0"})
     skips = skip_records(run_dir)
     assert sorted(skips) == [4, 7] and skips[4]["skipped_update"].startswith("loss spike")
     assert skips[7]["skipped_update"] == "non-finite loss"
@@ -202,11 +205,13 @@ def test_a_skipped_update_leaves_muon_weights_and_momentum_as_they_were(tmp_path
 def test_a_muon_checkpoint_exports_and_finetunes(tmp_path, data_run):
     """ZeRO 3 Muon pretraining, then fine-tuning with Muon from it and the HF export of both."""
     run_dir = fresh_run(data_run, tmp_path)
-    proc = run_cli(f"run_dir={run_dir}", "stages=[pretrain,finetune,export]", *TINY, "optimizer=muon",
-                   "deepspeed=zero3", "precision=fp32", "train.max_steps=6", "train.eval_interval=6",
-                   "finetune.max_steps=4", "finetune.eval_interval=4", "finetune.eval_exact_match=0",
-                   "finetune.micro_batch_size=2", "finetune.global_batch_size=4", "finetune.seq_len=64",
-                   "export.dtype=float32", "launch.nproc_per_node=2")
+    command = (f"run_dir={run_dir}", *TINY, "optimizer=muon", "deepspeed=zero3", "precision=fp32",
+               "train.max_steps=6", "train.eval_interval=6", "finetune.max_steps=4", "finetune.eval_interval=4",
+               "finetune.eval_exact_match=0", "finetune.micro_batch_size=2", "finetune.global_batch_size=4",
+               "finetune.seq_len=64", "export.dtype=float32")
+    # as the CLI runs stages=[pretrain,finetune,export]: the training stages on the ranks, then export in its process
+    run_on_ranks(*command, "stages=[pretrain,finetune]")
+    proc = run_in_process(*command, "stages=[export]")
     assert proc.returncode == 0, proc.stderr[-3000:]
     from transformers import LlamaForCausalLM
 
