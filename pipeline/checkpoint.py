@@ -27,7 +27,7 @@ from pathlib import Path
 from .errors import PipelineError
 from .elastic import client_state, prune_orphans, universal_load
 from .faults import kill_point
-from .fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, sha256_file
+from .fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, no_space, sha256_file
 from .redaction import redact_values
 
 log = logging.getLogger(__name__)
@@ -82,15 +82,28 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, keep_las
     rank, world = dist.get_rank(), dist.get_world_size()
     tag = tag_for(step)
     folder = root / tag
-    if rank == 0 and folder.exists():  # leftovers of a save that never completed
-        shutil.rmtree(folder)
+    if rank == 0:
+        if folder.exists():  # leftovers of a save that never completed
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)  # here, so that DeepSpeed's own makedirs write nothing
     dist.barrier()
     writer.folder, writer.rank = folder, rank  # where a failed write leaves its marker
-    # DeepSpeed's files, through the writer; with what a conversion to the universal format needs (elastic.py)
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state(), save_latest=False)
-    writer.save(rng_state(), str(folder / f"rng_rank{rank:05d}.pt"))
-    trainer_state = redact_values(trainer_state)
-    writer.submit(lambda: _commit(writer, folder, step, rank, world, trainer_state, keep_last, timeout_s))
+    try:
+        # DeepSpeed's files, through the writer; with what a conversion to the universal format needs (elastic.py)
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state(), save_latest=False)
+    except OSError as exc:
+        # Rank 0 copies DeepSpeed's recovery scripts itself, the last write of its save before the barrier that
+        # ends it. A full disk there loses the save as a failed background write does: the failure joins the
+        # step's agreement and every rank stops with its message (Checkpointer.check_writer), not rank 0 alone.
+        full = no_space(exc, folder)
+        if not full:
+            raise
+        writer.fail(PipelineError(f"checkpoint {folder}: writing DeepSpeed's recovery scripts: {full}"))
+        dist.barrier()  # DeepSpeed's closing barrier, where the other ranks wait
+    else:
+        writer.save(rng_state(), str(folder / f"rng_rank{rank:05d}.pt"))
+        trainer_state = redact_values(trainer_state)
+        writer.submit(lambda: _commit(writer, folder, step, rank, world, trainer_state, keep_last, timeout_s))
     if not writer.background:
         dist.barrier()  # every rank returns with the checkpoint complete
     return folder

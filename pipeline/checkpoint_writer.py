@@ -117,9 +117,11 @@ class BackgroundWriter(CheckpointEngine):
         try:
             job()
         except Exception as exc:  # reported on the training thread (Checkpointer.check_writer)
-            self._fail(exc)
+            self.fail(exc)
 
-    def _fail(self, exc: Exception) -> None:
+    def fail(self, exc: Exception) -> None:
+        """The save in flight is lost (on this thread or the writer's): its files go, the trainer's next check stops
+        every rank (a PipelineError's message is kept as it is)."""
         from .checkpoint import PeerWriteFailed
 
         where = self.folder or Path(".")
@@ -128,7 +130,9 @@ class BackgroundWriter(CheckpointEngine):
             f"checkpoint {where}: {full}" if full else f"writing a checkpoint failed: {type(exc).__name__}: {exc}"
         self._failure_primary = not isinstance(exc, PeerWriteFailed)
         log.error("checkpoint writer: %s", self._failure)
-        for path in self.written:  # the lost save's files: free their space, keep them out of the next marker
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            self._jobs.join()  # the job under way ends first (the others are skipped now)
+        for path in list(self.written):  # the lost save's files: free their space, keep them out of the next marker
             Path(path).unlink(missing_ok=True)
         self.written.clear()
         if self._failure_primary and self.folder is not None:

@@ -94,7 +94,7 @@ class Checkpointer:
             try:
                 folder = save_checkpoint(self.engine, self.root, step, trainer_state, self.keep_last,
                                          timeout_s=control.long_timeout_s())
-            except OSError as exc:  # DeepSpeed's own files (its recovery script), written on this thread
+            except OSError as exc:  # rank 0 creating the save's folder (checkpoint.save_checkpoint)
                 full = no_space(exc, self.root)
                 if not full:
                     raise
