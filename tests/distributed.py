@@ -99,10 +99,11 @@ def run_distributed_test(fn, world_size: int = 2, backend: str = "gloo", *, args
 
     if start_method == "forkserver":
         multiprocessing.set_forkserver_preload(PRELOAD)
-    with tempfile.TemporaryDirectory(prefix="ranks-") as errors, _forkserver_sys_path():
-        context = mp.start_processes(_rank_main, args=(world_size, backend, free_port(), init, errors, fn, args,
-                                                       kwargs or {}),
-                                     nprocs=world_size, join=False, start_method=start_method)
+    with tempfile.TemporaryDirectory(prefix="ranks-") as errors:
+        with _forkserver_sys_path():  # only while the ranks start (the forkserver starts with the first ones)
+            context = mp.start_processes(_rank_main, args=(world_size, backend, free_port(), init, errors, fn, args,
+                                                           kwargs or {}),
+                                         nprocs=world_size, join=False, start_method=start_method)
         deadline = time.monotonic() + timeout
         try:
             while not context.join(timeout=0.2):
