@@ -210,9 +210,11 @@ def _check_files(folder: Path, record: dict, digests: bool, collective: bool) ->
     return ""
 
 
-def find_resumable(root: Path, digests: bool = False, collective: bool = False) -> tuple[Path, dict] | None:
+def find_resumable(root: Path, digests: bool = False, collective: bool = False,
+                   warn: bool = True) -> tuple[Path, dict] | None:
     """The newest checkpoint under `root` whose completion record verifies; with `digests` the files'
-    contents too. `collective`: every rank calls it, shares the hashing and gets the same answer."""
+    contents too. `collective`: every rank calls it, shares the hashing and gets the same answer. `warn`:
+    name each folder passed over (the ranks do; a look ahead of them does not)."""
     dist = _process_group() if collective else None
     collective = dist is not None
     folders = [sorted(root.glob(f"{PREFIX}*"), reverse=True) if root.is_dir() else []]
@@ -222,9 +224,18 @@ def find_resumable(root: Path, digests: bool = False, collective: bool = False) 
         record, problem = verify(folder, digests=digests, collective=collective)
         if record is not None:
             return folder, record
-        if not collective or dist.get_rank() == 0:
+        if warn and (not collective or dist.get_rank() == 0):
             log.warning("checkpoint %s skipped: %s", folder, problem)
     return None
+
+
+def refuse_another_optimizer(folder: Path, record: dict, optimizer: str, section: str) -> None:
+    """A checkpoint's optimizer state continues only under the optimizer that wrote it."""
+    saved = record.get("trainer_state", {}).get("optimizer", "adamw")  # older checkpoints: AdamW
+    if saved != optimizer:
+        raise PipelineError(f"checkpoint {folder} was written with optimizer={saved}, this run has "
+                            f"optimizer={optimizer}: resume with optimizer={saved}, or start afresh "
+                            f"({section}.resume=none or a new run_dir)")
 
 
 def load_checkpoint(engine, folder: Path, restore_rng: bool = True, universal: bool = False) -> dict:

@@ -21,6 +21,7 @@ import yaml
 
 from . import __version__, eval_stage, export, finetune, pretrain, shard, tokenizer
 from .batching import BatchLayout
+from .checkpoint import find_resumable, refuse_another_optimizer, verify
 from .config import TRAINING_KEYS, PipelineConfig, validate
 from .context import Context
 from .control import stop_if_preempted
@@ -151,10 +152,25 @@ def preflight(ctx: Context, stages: list[str]) -> None:
             if resume not in ("auto", "none") and not Path(resume).expanduser().is_dir():
                 raise PipelineError(f"{key}.resume={resume!r} is not a folder: give auto, none or a checkpoint "
                                     f"folder such as {ctx.layout.checkpoints(stage) / 'step_00000100'}")
+            _check_resume_optimizer(ctx, key, stage, resume)
     if "pretrain" in stages:
         pretrain.preflight(ctx)
     if "finetune" in stages:
         finetune.preflight(ctx, pretrain_runs_first="pretrain" in stages)
+
+
+def _check_resume_optimizer(ctx: Context, section: str, stage: str, resume: str) -> None:
+    """The checkpoint the ranks would resume from (by its record and file sizes; the ranks check every sha256)
+    must have been written with this run's optimizer."""
+    if resume == "none":
+        return
+    if resume == "auto":
+        found = find_resumable(ctx.layout.checkpoints(stage), warn=False)
+    else:
+        folder = Path(resume).expanduser().resolve()
+        found = (folder, verify(folder)[0])
+    if found is not None and found[1] is not None:
+        refuse_another_optimizer(*found, ctx.cfg.optimizer.name, section)
 
 
 def stage_is_current(stage: Stage, ctx: Context) -> bool:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from . import attention_mask, control
+from .checkpoint import refuse_another_optimizer
 from .checkpointing import Checkpointer
 from .config import TrainConfig
 from .engine import update_withheld
@@ -116,11 +117,7 @@ class Trainer:
         if found is None:
             return
         folder, record = found
-        saved_optimizer = record.get("trainer_state", {}).get("optimizer", "adamw")  # older checkpoints: AdamW
-        if saved_optimizer != self.optimizer:
-            raise PipelineError(f"checkpoint {folder} was written with optimizer={saved_optimizer}, this run has "
-                                f"optimizer={self.optimizer}: resume with optimizer={saved_optimizer}, or start "
-                                f"afresh ({self.section}.resume=none or a new run_dir)")
+        refuse_another_optimizer(folder, record, self.optimizer, self.section)
         skip = self.faults.skip_restore if self.faults else ""  # tests prove the RNG and loader restores matter
         saved = self.checkpoints.load(folder, record, self.model_config, restore_rng=skip != "rng")
         self.state = TrainerState(step=saved["step"], tokens_seen=saved["tokens_seen"], loader=saved.get("loader"),

@@ -172,12 +172,15 @@ def test_muon_resumes_bit_exact_after_a_kill(tmp_path, data_run, zero):
     assert [resumed[s] for s in range(1, 9)] == [expected[s] for s in range(1, 9)]
     assert records(run_dir, "val_loss") == records(reference, "val_loss")
     assert any("resumed_from" in json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
-    # Muon's state cannot continue as AdamW's: refused before any step
+    # Muon's state cannot continue as AdamW's: refused before the ranks start (the ranks check it again)
     other = [a if a != "optimizer=muon" else "optimizer=adamw" for a in args if not a.startswith("train.max_steps")]
     proc = pretrain_cli(run_dir, *other, "train.max_steps=10", check=False)
     errors = error_lines(proc)
-    assert proc.returncode != 0 and errors and "was written with optimizer=muon, this run has optimizer=adamw" \
-        in errors[0], proc.stderr[-3000:]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+    assert "was written with optimizer=muon, this run has optimizer=adamw" in errors[0], errors
+    assert "local ranks" not in proc.stdout + proc.stderr, proc.stdout[-3000:]
+    with pytest.raises(AssertionError, match="was written with optimizer=muon"):  # under a launcher: the ranks
+        pretrain(run_dir, *other, "train.max_steps=10")
 
 
 @pytest.mark.slow
