@@ -127,23 +127,37 @@ class FeedForward(nn.Module):
 
 def _chunked_cross_entropy(h, weight, labels, chunk_tokens, grad_h=None, grad_w=None) -> torch.Tensor:
     """The mean loss of linear_cross_entropy over h [N, dim] and labels [N]; when grad_h ([N, dim]) and
-    grad_w ([vocab, dim], fp32) are given, also the loss's gradients written into them (grad_w added to)."""
+    grad_w ([vocab, dim], fp32) are given, also the loss's gradients written into them (grad_w added to).
+
+    Every chunk's fp32 logits go into one buffer and are exponentiated once, in place: the log-sum-exp and
+    the gradient's softmax both come from that pass. A fresh [chunk, vocab] tensor for each chunk costs a
+    CPU a page fault per 4 KiB, more than the exponentials themselves (bench/loss.py)."""
     valid = labels != IGNORE_INDEX
     count = valid.sum()
     total = torch.zeros((), dtype=torch.float32, device=h.device)
+    buffer = torch.empty((min(chunk_tokens, h.shape[0]), weight.shape[0]), dtype=torch.float32, device=h.device)
     for start in range(0, h.shape[0], chunk_tokens):
         rows = slice(start, start + chunk_tokens)
         counted = valid[rows]
         target = labels[rows].masked_fill(~counted, 0)[:, None]
-        logits = F.linear(h[rows], weight)
-        dtype, logits = logits.dtype, logits.float()
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        total += torch.where(counted, (lse - logits.gather(1, target)).squeeze(1), 0.0).sum()
+        logits = buffer[:len(counted)]
+        if h.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
+            torch.mm(h[rows], weight.t(), out=logits)
+            dtype = torch.float32
+        else:  # a bf16/fp16 matmul (by dtype or autocast), an fp32 softmax: F.linear(...).float()
+            product = F.linear(h[rows], weight)
+            logits.copy_(product)
+            dtype = product.dtype
+        picked = logits.gather(1, target)
+        peak = logits.amax(dim=-1, keepdim=True)  # the log-sum-exp as torch.logsumexp computes it
+        exp = logits.sub_(peak).exp_()
+        norm = exp.sum(dim=-1, keepdim=True)
+        total += torch.where(counted, (norm.log() + peak - picked).squeeze(1), 0.0).sum()
         if grad_h is None and grad_w is None:
             continue
         # d(mean loss)/d(logits) = (softmax - one_hot(target)) / count on counted rows, 0 on the others;
-        # cast to the logits' dtype as the backward of .float() does.
-        grad = logits.sub_(lse).exp_().scatter_add_(1, target, torch.full_like(target, -1, dtype=logits.dtype))
+        # cast to the matmul's dtype as the backward of .float() does.
+        grad = exp.div_(norm).scatter_add_(1, target, torch.full_like(target, -1, dtype=exp.dtype))
         grad = grad.mul_(torch.where(counted, 1.0 / count, 0.0)[:, None]).to(dtype)
         if grad_h is not None:
             grad_h[rows] = grad @ weight
