@@ -32,8 +32,8 @@ import torch  # noqa: E402
 
 from bench.common import hardware, print_table, record  # noqa: E402
 from bench.train import load_model_config, paired_overhead, quantile, sync  # noqa: E402
-from pipeline import attention_mask  # noqa: E402
-from pipeline.model import Transformer  # noqa: E402
+from pipeline.train import attention_mask  # noqa: E402
+from pipeline.train.model import Transformer  # noqa: E402
 
 
 def document_segments(batch: int, seq_len: int, doc_len: int, generator: torch.Generator) -> torch.Tensor:

@@ -2,9 +2,9 @@
 how long a resume takes.
 
 For each --model preset one DeepSpeed engine is built as the pretrain stage builds it
-(`pipeline.engine.build_engine`, one rank: gloo on CPU, nccl on GPU) and stepped once, so the
+(`pipeline.train.engine.build_engine`, one rank: gloo on CPU, nccl on GPU) and stepped once, so the
 optimizer state exists. Then, for each mode (sync: `train.async_checkpoint=false`; async: the
-default background writer), --saves saves go through `pipeline.checkpoint.save_checkpoint` into
+default background writer), --saves saves go through `pipeline.checkpoint.store.save_checkpoint` into
 --dir, each timed:
   blocked_s    how long save_checkpoint held the training thread (async: the host copy)
   committed_s  from the start of the save until its completion record is written (writer.wait())
@@ -16,7 +16,7 @@ or of the GPU's host. Finally the resume: `find_resumable` with every file's sha
 
 --elastic: the resume on another world size instead. Two spawned ranks build the engine, step once and save
 (ZeRO --zero, 2 ranks); then this process, a world of one, builds its engine and resumes from that checkpoint
-as train.resume does: `elastic.prepare` converts it to DeepSpeed's universal format (convert_s, with the
+as train.resume does: `universal_checkpoint` converts it to DeepSpeed's universal format (convert_s, with the
 peak resident memory of this process and its conversion workers, and the universal folder's size), then
 `load_checkpoint(universal=True)` (load_s); a second prepare finds the conversion done and verifies it
 (reuse_s, the sha256 of every file).
@@ -43,11 +43,12 @@ import torch  # noqa: E402
 
 from bench.common import MemorySampler, hardware, print_table, quiet_logs, record  # noqa: E402
 from bench.train import join_world_of_one, load_model_config, sync  # noqa: E402
-from pipeline import elastic  # noqa: E402
-from pipeline.checkpoint import find_resumable, load_checkpoint, save_checkpoint  # noqa: E402
-from pipeline.checkpoint_writer import BackgroundWriter  # noqa: E402
+from pipeline.checkpoint import elastic  # noqa: E402
+from pipeline.checkpoint.store import find_resumable, load_checkpoint, save_checkpoint  # noqa: E402
+from pipeline.checkpoint.writer import BackgroundWriter  # noqa: E402
 from pipeline.config import DeepSpeedConfig, PrecisionConfig, TrainConfig  # noqa: E402
-from pipeline.engine import build_engine  # noqa: E402
+from pipeline.train.checkpointing import universal_checkpoint  # noqa: E402
+from pipeline.train.engine import build_engine  # noqa: E402
 
 
 def train_step(engine, batch, device) -> float:
@@ -136,11 +137,11 @@ def measure_elastic(name: str, root: Path, args, device) -> dict:
     with MemorySampler(tree=True) as memory:
         base = memory.sample()
         start = time.perf_counter()
-        universal = elastic.prepare(folder, record_, "bench")
+        universal = universal_checkpoint(folder, record_, "bench")
         converted = time.perf_counter()
     load_checkpoint(engine, universal, universal=True)
     loaded = time.perf_counter()
-    elastic.prepare(folder, record_, "bench")
+    universal_checkpoint(folder, record_, "bench")
     reused = time.perf_counter()
     size = sum(p.stat().st_size for p in universal.rglob("*") if p.is_file())
     return {"model": name, "params": f"{n_params / 1e6:.0f}M", "zero": str(args.zero), "precision": args.precision,
@@ -203,7 +204,7 @@ def main() -> None:
     print()
     print_table(table)
     if args.elastic:
-        print("convert: elastic.prepare (ds_to_universal + record + rename); peak_rss: this process and its "
+        print("convert: universal_checkpoint (ds_to_universal + record + rename); peak_rss: this process and its "
               "workers; load: load_checkpoint(universal=True); reuse: prepare again (verify sha256)")
     else:
         print(f"blocked: time in save_checkpoint; committed: until complete.json; slowdown: median train step "

@@ -24,13 +24,13 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from bench.common import print_table, record  # noqa: E402
-from pipeline import attention_mask  # noqa: E402
-from pipeline.checkpoint import find_resumable  # noqa: E402
-from pipeline.checkpoint_reader import consolidated_weights  # noqa: E402
+from pipeline.checkpoint.reader import consolidated_weights  # noqa: E402
+from pipeline.checkpoint.store import find_resumable  # noqa: E402
 from pipeline.config import ModelConfig  # noqa: E402
-from pipeline.data import eval_batches, open_split  # noqa: E402
+from pipeline.data.stream import eval_batches, open_split  # noqa: E402
 from pipeline.layout import RunLayout  # noqa: E402
-from pipeline.model import Transformer  # noqa: E402
+from pipeline.train import attention_mask  # noqa: E402
+from pipeline.train.model import Transformer  # noqa: E402
 
 
 def val_losses(run_dir: Path) -> dict:

@@ -1,4 +1,4 @@
-"""Export cost: `pipeline.export.export_model` against a plain `LlamaForCausalLM.save_pretrained`.
+"""Export cost: `pipeline.stages.export.export_model` against a plain `LlamaForCausalLM.save_pretrained`.
 
 For each --model preset, a child process builds a real DeepSpeed checkpoint of randomly initialised
 weights (1 CPU rank, ZeRO --zero, bf16, one optimizer step so the Adam moments exist) plus a small
@@ -44,14 +44,13 @@ def folder_mb(folder: Path) -> float:
 def build(run_dir: Path, model_name: str, vocab: int, zero: int) -> None:
     """run_dir/tokenizer/tokenizer.model and run_dir/pretrain/checkpoints/step_00000001 (complete)."""
     import torch
-
     from omegaconf import OmegaConf
 
-    from pipeline.checkpoint import save_checkpoint
-    from pipeline.checkpoint_writer import BackgroundWriter
+    from pipeline.checkpoint.store import save_checkpoint
+    from pipeline.checkpoint.writer import BackgroundWriter
     from pipeline.config import DeepSpeedConfig, LaunchConfig, ModelConfig, PrecisionConfig, TrainConfig
-    from pipeline.model import Transformer
-    from pipeline.engine import build_optimizer, deepspeed_config, init_distributed
+    from pipeline.train.engine import build_optimizer, deepspeed_config, init_distributed
+    from pipeline.train.model import Transformer
 
     proc = subprocess.run([sys.executable, "-m", "pipeline", f"run_dir={run_dir}", "stages=[tokenize]",
                            "tokenizer.vocab_size=1024", "data.default_num_documents=2000"],
@@ -90,8 +89,8 @@ def run_export(run_dir: Path, dtype: str, out: Path) -> dict:
     import tokenizers  # noqa: F401
 
     from pipeline.config import ExportConfig, ModelConfig
-    from pipeline.export import export_model
     from pipeline.layout import RunLayout
+    from pipeline.stages.export import export_model
 
     start = time.perf_counter()
     folder = export_model(ExportConfig(dtype=dtype), ModelConfig(), RunLayout.of(run_dir), "pretrain")
@@ -105,9 +104,9 @@ def run_baseline(run_dir: Path, dtype: str, out: Path) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.checkpoint import find_resumable
+    from pipeline.checkpoint.store import find_resumable
     from pipeline.config import ModelConfig
-    from pipeline.hf_llama import to_hf_config, to_hf_state_dict
+    from pipeline.hf.llama import to_hf_config, to_hf_state_dict
 
     start = time.perf_counter()
     folder, record = find_resumable(run_dir / "pretrain" / "checkpoints")
@@ -188,7 +187,7 @@ def main() -> None:
             ckpt_gb = sum(p.stat().st_size for p in checkpoint.iterdir()) / 1e9
             record = json.loads((checkpoint / "complete.json").read_text())
             from pipeline.config import ModelConfig
-            from pipeline.model import num_params
+            from pipeline.train.model import num_params
 
             params = num_params(ModelConfig(**record["trainer_state"]["model"]), exclude_embedding=False) / 1e6
             for method in ("export", "baseline"):

@@ -66,7 +66,7 @@ TARGET = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platfo
           "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
           "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
 PLATFORMS = ["manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_28_x86_64"]
-# DeepSpeed's FusedAdam (pipeline.engine.build_optimizer on CUDA) is compiled there from these.
+# DeepSpeed's FusedAdam (pipeline.train.engine.build_optimizer on CUDA) is compiled there from these.
 DEEPSPEED_SOURCES = ["deepspeed/ops/op_builder/fused_adam.py", "deepspeed/ops/csrc/adam/multi_tensor_adam.cu"]
 
 

@@ -6,7 +6,7 @@ it is reused when already there. Then times `open_split` (verify=full: sha256 + 
 file) and --steps optimizer steps of `next_global_batch` (seq_len 2048, global batch 256 by default).
 The shards were just written, so they are in the page cache: this is the loader's own cost, not the disk's.
 With --sources N, the same tokens are split into N sources (shards/<source>/, equal weights) and one run
-times the mixture loader (pipeline/mixture.py) on them beside the one-source loader on the same bytes.
+times the mixture loader (pipeline/data/mixture.py) on them beside the one-source loader on the same bytes.
 Prints a table and appends a dated row to bench/RESULTS.md (--no-record: not).
 """
 import os
@@ -28,10 +28,10 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.common import print_table, record  # noqa: E402
-from pipeline.data import PretrainLoader, open_split  # noqa: E402
-from pipeline.mixture import Blend, MixtureLoader  # noqa: E402
+from pipeline.data.indexed import IndexedDatasetWriter  # noqa: E402
+from pipeline.data.mixture import Blend, MixtureLoader  # noqa: E402
+from pipeline.data.stream import PretrainLoader, open_split  # noqa: E402
 from pipeline.fsutil import atomic_write_json, sha256_file  # noqa: E402
-from pipeline.indexed import IndexedDatasetWriter  # noqa: E402
 
 VOCAB, EOS = 32000, 2
 

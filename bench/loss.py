@@ -1,8 +1,8 @@
 """Time of the loss's forward and backward: the model's chunked loss against the formula it replaced.
 
-"before" is `pipeline.model`'s chunked loss as it was until 2026-12-02 (kept here for this): a fresh
+"before" is `pipeline.train.model`'s chunked loss as it was until 2026-12-02 (kept here for this): a fresh
 [chunk, vocab] logits tensor per chunk from F.linear, torch.logsumexp over it (which makes a second one)
-and a second exponential pass for the gradient's softmax. "after" is `pipeline.model.linear_cross_entropy`:
+and a second exponential pass for the gradient's softmax. "after" is `pipeline.train.model.linear_cross_entropy`:
 one fp32 buffer for every chunk's logits, exponentiated once in place. Both take LOSS_CHUNK_TOKENS positions
 at a time and compute the gradients in the forward. The two run alternately, call by call, on the same
 random hidden states and labels (a seventh of them ignored, as prompt positions are); reported: the median
@@ -31,11 +31,12 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench.common import hardware, print_table, record  # noqa: E402
 from bench.train import paired_overhead, sync  # noqa: E402
-from pipeline.model import IGNORE_INDEX, LOSS_CHUNK_TOKENS, linear_cross_entropy  # noqa: E402
+from pipeline.data.batching import IGNORE_INDEX  # noqa: E402
+from pipeline.train.model import LOSS_CHUNK_TOKENS, linear_cross_entropy  # noqa: E402
 
 
 def loss_before(h, weight, labels, chunk_tokens):
-    """The former pipeline.model._chunked_cross_entropy with its gradients (the autograd Function's forward)."""
+    """The former pipeline.train.model._chunked_cross_entropy with its gradients (the autograd Function's forward)."""
     grad_h, grad_w = torch.empty_like(h), torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     valid = labels != IGNORE_INDEX
     count = valid.sum()

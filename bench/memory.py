@@ -1,6 +1,6 @@
 """Peak memory of one training forward + backward: the loss over the whole logits against the chunked loss.
 
-"full logits" is the formula the model used before `pipeline.model.linear_cross_entropy`: the output
+"full logits" is the formula the model used before `pipeline.train.model.linear_cross_entropy`: the output
 projection of every position, `logits.float()` over [B, T, vocab] and F.cross_entropy on that (4.2 GB of
 fp32 logits at micro batch 16, seq 2048, vocab 32k, and as much again for log_softmax and the gradient).
 "chunked" is the model's own loss, `model(inputs, labels)`, which holds the logits of LOSS_CHUNK_TOKENS
@@ -50,7 +50,8 @@ def child(args) -> dict:
     import torch.nn.functional as F
 
     from bench.train import load_model_config
-    from pipeline.model import IGNORE_INDEX, LOSS_CHUNK_TOKENS, Transformer
+    from pipeline.data.batching import IGNORE_INDEX
+    from pipeline.train.model import LOSS_CHUNK_TOKENS, Transformer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -80,7 +81,7 @@ def child(args) -> dict:
     if args.variant == "full logits":
         logits = model(inputs)
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-        del logits  # the trainer keeps only the loss (pipeline.trainer drops the logits before backward)
+        del logits  # the trainer keeps only the loss (pipeline.train.trainer drops the logits before backward)
     else:
         _, loss = model(inputs, labels)
     if sampler is not None:

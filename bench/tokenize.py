@@ -183,9 +183,10 @@ def child(kind: str, corpus: Path, vocab: int, threads: int, text_field: str) ->
     """One measurement in this (fresh) process; returns its figures."""
     started = time.perf_counter()
     import datasets  # noqa: F401  import startup, excluded like the interpreter's (the stage imports it lazily)
-    from pipeline.distributed import LaunchInfo
+
+    from pipeline.cluster.distributed import LaunchInfo
+    from pipeline.data.vocab import load_tokenizer
     from pipeline.runner import PIPELINE, Context, prepare_run_dir, run_stage
-    from pipeline.vocab import load_tokenizer
     import_s = time.perf_counter() - started
     cfg = pipeline_config(corpus, vocab, threads, text_field)
     ctx = Context(cfg=cfg, run_dir=prepare_run_dir(cfg), launch=LaunchInfo.from_env())
@@ -224,7 +225,7 @@ def plain_documents(paths: list[Path], data) -> list[str]:
             with open(path, encoding="utf-8") as f:
                 docs += [json.loads(line)[data.text_field] for line in f if line.strip()]
         else:
-            from pipeline.corpus import Corpus
+            from pipeline.data.corpus import Corpus
             docs += Corpus([path], data).texts()
     return [doc for doc in docs if doc and not doc.isspace()]
 

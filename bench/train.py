@@ -1,4 +1,4 @@
-"""Training step throughput: the DeepSpeed engine (`pipeline.engine`) against a plain PyTorch loop.
+"""Training step throughput: the DeepSpeed engine (`pipeline.train.engine`) against a plain PyTorch loop.
 
 For every --model preset, --precision and --zero stage, a fresh plain-PyTorch trainer and a fresh
 DeepSpeed engine are built from the same initial weights (same seed) and stepped on the same random
@@ -6,17 +6,17 @@ token batches, interleaved step by step (plain, zero, zero, plain, plain, zero, 
 every step so neither side always runs first), one rank; then both are freed and the next stage's
 pair is built. After --warmup steps each, --steps steps of each are timed with time.perf_counter()
 (after torch.cuda.synchronize() on a GPU). Reported per variant: median step time, its update part
-(after the last backward), tokens/s, MFU (PaLM FLOPs per token, `pipeline.model.flops_per_token`, over
-`pipeline.metrics.peak_flops`; null on CPU), the overhead of the engine over the plain loop it was
+(after the last backward), tokens/s, MFU (PaLM FLOPs per token, `pipeline.train.model.flops_per_token`, over
+`pipeline.observe.metrics.peak_flops`; null on CPU), the overhead of the engine over the plain loop it was
 paired with (ratio of median step times) and the median of the per-step ratios with a bootstrap
 interval (adjacent steps saw about the same machine load: on a shared machine this is the figure to
 trust), process CPU time per step on CPU, and the final loss of both sides as a check that they
 trained the same model the same way.
 
 What each side does, so the comparison is like for like:
-  DeepSpeed  pipeline.engine.initialize_engine(model, build_optimizer(...), deepspeed_config(...)) on a
+  DeepSpeed  pipeline.train.engine.initialize_engine(model, build_optimizer(...), deepspeed_config(...)) on a
              world of one (gloo on CPU, nccl on GPU), engine(x, y) / engine.backward(loss) / engine.step().
-  plain      the same Transformer, torch AdamW over `pipeline.engine.param_groups` (fused=True on CUDA;
+  plain      the same Transformer, torch AdamW over `pipeline.train.engine.param_groups` (fused=True on CUDA;
              DeepSpeed gets FusedAdam there from build_optimizer), clip_grad_norm_ to train.grad_clip,
              torch's own F.linear (a ZeRO 3 engine swaps in its zero3_linear_wrap process-wide; here
              only the ZeRO 3 engine steps with it).
@@ -62,11 +62,10 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from bench.common import hardware, print_table, quiet_logs, record  # noqa: E402
 from pipeline.config import DeepSpeedConfig, LaunchConfig, ModelConfig, PrecisionConfig, TrainConfig  # noqa: E402
-from pipeline.metrics import peak_flops  # noqa: E402
-from pipeline.model import Transformer, compile_blocks, flops_per_token, num_params  # noqa: E402
-from pipeline.batching import BatchLayout  # noqa: E402
-from pipeline.engine import (build_optimizer, deepspeed_config, init_distributed, initialize_engine,  # noqa: E402
-                             param_groups)
+from pipeline.data.batching import BatchLayout  # noqa: E402
+from pipeline.observe.metrics import peak_flops  # noqa: E402
+from pipeline.train.engine import build_optimizer, deepspeed_config, init_distributed, initialize_engine, param_groups  # noqa: E402
+from pipeline.train.model import Transformer, compile_blocks, flops_per_token, num_params  # noqa: E402
 
 # Building a ZeRO 3 engine replaces torch.nn.functional.linear process-wide with DeepSpeed's
 # zero3_linear_wrap (zero_optimization.memory_efficient_linear, on by default) and leaves it so.
@@ -154,7 +153,7 @@ class Plain:
 
 
 class Engine:
-    """The DeepSpeed path exactly as pipeline.pretrain builds and steps it."""
+    """The DeepSpeed path exactly as pipeline.stages.pretrain builds and steps it."""
 
     def __init__(self, model: Transformer, train: TrainConfig, ds: DeepSpeedConfig, precision: PrecisionConfig,
                  device: torch.device, grad_accum: int):
@@ -243,7 +242,7 @@ def measure_pair(model_cfg: ModelConfig, stage: int, precision: str, args, devic
     def fresh_model() -> Transformer:
         torch.manual_seed(args.seed)
         model = Transformer(model_cfg)
-        if model_cfg.compile:  # as pipeline.engine.build_engine does, before wrapping
+        if model_cfg.compile:  # as pipeline.train.engine.build_engine does, before wrapping
             compile_blocks(model)
         return model
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One node of launch/slurm.sbatch (srun starts it once per node): this node's variables from SLURM's
-# and the run's overrides (`python -m pipeline.distributed slurm-env OVERRIDES`: NNODES, NODE_RANK,
+# and the run's overrides (`python -m pipeline.cluster.distributed slurm-env OVERRIDES`: NNODES, NODE_RANK,
 # NPROC_PER_NODE from launch.nproc_per_node, NPROC_PER_NODE, the GPUs or the allocation, MASTER_ADDR, ...),
 # then torchrun with a c10d rendezvous on the job's first node. Arguments go to `python -m pipeline`.
 # Preemption signals are handled as launch/torchrun.sh describes.
@@ -12,7 +12,7 @@ cd "$here/.."
 export PIPELINE_NODE_PID_FILE="${TMPDIR:-/tmp}/pipeline-node.${SLURM_JOB_ID:-0}.${SLURM_NODEID:-0}"
 echo $$ > "$PIPELINE_NODE_PID_FILE"
 
-node_env=$(python -m pipeline.distributed slurm-env "$@")  # a bad SLURM environment fails the task here
+node_env=$(python -m pipeline.cluster.distributed slurm-env "$@")  # a bad SLURM environment fails the task here
 eval "$node_env"
 echo "slurm: node $NODE_RANK of $NNODES (${SLURMD_NODENAME:-$(hostname)}): $NPROC_PER_NODE ranks of $WORLD_SIZE" \
      "(ranks per node from $NPROC_SOURCE), rendezvous $RDZV_ID at $MASTER_ADDR:$MASTER_PORT"

@@ -7,7 +7,7 @@
 # Every node runs this same command with its own NODE_RANK; run_dir must be on shared storage.
 #
 # Preemption (SIGUSR1 or SIGTERM) belongs to the ranks: each records it, they all stop at the same step
-# with a complete checkpoint and exit 0 (pipeline/control.py). So torchrun must neither die of these
+# with a complete checkpoint and exit 0 (pipeline/cluster/control.py). So torchrun must neither die of these
 # signals nor turn them into a shutdown of its own: it ignores them (inherited from here; the ranks
 # install their own handlers) and handles only SIGINT, SIGHUP and SIGQUIT. Whatever reaches this script
 # is passed on to the ranks. The ranks say they stopped for a preemption in $PIPELINE_PREEMPTED_FILE:

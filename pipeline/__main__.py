@@ -17,11 +17,19 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .config import DataConfig, SourceConfig, DeepSpeedConfig, ModelConfig, OptimizerConfig, PipelineConfig, PrecisionConfig
-from .control import Preempted, install_preemption_handlers, peer_failure, report_preempted
+from .cluster.control import Preempted, install_preemption_handlers, peer_failure, report_preempted
+from .cluster.local_launch import RanksFailed
+from .config import (
+    DataConfig,
+    DeepSpeedConfig,
+    ModelConfig,
+    OptimizerConfig,
+    PipelineConfig,
+    PrecisionConfig,
+    SourceConfig,
+)
 from .errors import PipelineError
 from .redaction import redact_text
-from .local_launch import RanksFailed
 
 EXIT_ERROR = 2
 
@@ -41,7 +49,7 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="pipeline_schema", node=PipelineConfig)
-    from .default_corpus import SOURCES
+    from .data.default_corpus import SOURCES
 
     # the built-in corpus is a mixture: data.sources.records.weight=0.5 reweights it from the command line.
     # It is small and meant to be learnt by heart (fine-tuning asks its facts): repeating it is the point
@@ -60,9 +68,9 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def _run(cfg: DictConfig) -> None:
-    from .runner import run_pipeline
-
     from hydra.core.hydra_config import HydraConfig
+
+    from .runner import run_pipeline
 
     with errors_reported(debug=bool(cfg.get("debug", False))):  # inside, or Hydra adds its own line
         unknown = _unknown_keys(cfg)
@@ -94,11 +102,11 @@ def _type_sources(cfg: DictConfig) -> None:
 
 def start_console(config: PipelineConfig) -> None:
     """The console keeps the pipeline's own lines; the rest goes to a log file under run_dir
-    (pipeline/console.py). A bad config is refused first, before run_dir exists."""
-    from . import console
-    from .config import validate
-    from .distributed import LaunchInfo
+    (pipeline/observe/console.py). A bad config is refused first, before run_dir exists."""
+    from .cluster.distributed import LaunchInfo
+    from .observe import console
     from .runner import prepare_run_dir
+    from .validate import validate
 
     validate(config)
     launch = LaunchInfo.from_env()
@@ -172,8 +180,8 @@ def errors_reported(debug: bool):
 
 
 def _log_only(line: str) -> None:
-    """The console's error line in this process's log file too (once pipeline/console.py has opened it)."""
-    console = sys.modules.get("pipeline.console")
+    """The console's error line in this process's log file too (once pipeline/observe/console.py has opened it)."""
+    console = sys.modules.get("pipeline.observe.console")
     if console is not None:
         console.to_log_only(line)
 

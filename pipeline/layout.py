@@ -90,14 +90,14 @@ class RunLayout:
 
     @property
     def logs(self) -> Path:
-        """What the console leaves out (pipeline/console.py): one log file per process."""
+        """What the console leaves out (pipeline/observe/console.py): one log file per process."""
         return self.run_dir / "logs"
 
     def log_file(self, rank: int | None = None) -> Path:
         """The log of the process the user started (`rank` None), or of one rank of a launcher."""
         return self.logs / ("pipeline.log" if rank is None else f"rank{rank}.log")
 
-    # -- the run lock (pipeline/runlock.py) ------------------------------------------------------------
+    # -- the run lock (pipeline/cluster/runlock.py) ------------------------------------------------------------
     @property
     def locks(self) -> Path:
         return self.run_dir / "locks"

@@ -19,17 +19,20 @@ from types import ModuleType
 
 import yaml
 
-from . import __version__, eval_stage, export, finetune, pretrain, shard, tokenizer
-from .batching import BatchLayout
-from .checkpoint import find_resumable, refuse_another_optimizer, verify
-from .config import TRAINING_KEYS, PipelineConfig, validate
-from .context import Context
-from .control import stop_if_preempted
-from .distributed import LaunchInfo
+from . import __version__
+from .checkpoint.store import find_resumable, refuse_another_optimizer, verify
+from .cluster.control import stop_if_preempted
+from .cluster.distributed import LaunchInfo
+from .config import TRAINING_KEYS, PipelineConfig
+from .data.batching import BatchLayout
 from .errors import PipelineError
 from .fsutil import atomic_write_bytes, atomic_write_json, sha256_file
 from .layout import RunLayout
 from .redaction import install_log_redaction, redact
+from .stages import eval as eval_stage
+from .stages import export, finetune, pretrain, shard, tokenize
+from .stages.context import Context
+from .validate import validate
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,7 @@ class Stage:
 
 
 PIPELINE = (
-    Stage("tokenize", tokenizer, rank_zero_only=True),
+    Stage("tokenize", tokenize, rank_zero_only=True),
     Stage("shard", shard, rank_zero_only=True),
     Stage("pretrain", pretrain, distributed=True),
     Stage("finetune", finetune, distributed=True),
@@ -78,8 +81,8 @@ def prepare_run_dir(cfg: PipelineConfig) -> Path:
 def run_pipeline(cfg: PipelineConfig, resolved: dict, overrides: list[str]) -> None:
     """Run the requested stages; `resolved` is the whole config as plain data, `overrides` the
     command line (replayed on the local ranks that distributed stages start). One job at a time per
-    run_dir (pipeline/runlock.py); a shard part locks only its part."""
-    from .runlock import RUN_LOCK_ENV, run_lock
+    run_dir (pipeline/cluster/runlock.py); a shard part locks only its part."""
+    from .cluster.runlock import RUN_LOCK_ENV, run_lock
 
     install_log_redaction()  # no secret value reaches the console (pipeline/redaction.py)
     validate(cfg)
@@ -103,10 +106,10 @@ def _run_stages(cfg: PipelineConfig, resolved: dict, overrides: list[str], launc
     stages = [stage for stage in PIPELINE if stage.name in cfg.stages]
     while stages:
         stage = stages.pop(0)
-        stop_if_preempted(stage.name)  # no stage starts after a preemption signal (pipeline/control.py)
+        stop_if_preempted(stage.name)  # no stage starts after a preemption signal (pipeline/cluster/control.py)
         if stage.distributed and not launch.under_launcher:
             # this process starts local ranks for this run of distributed stages, then goes on
-            from .local_launch import run_local_ranks
+            from .cluster.local_launch import run_local_ranks
 
             group = [stage]
             while stages and stages[0].distributed:
@@ -126,11 +129,11 @@ def _run_stages(cfg: PipelineConfig, resolved: dict, overrides: list[str], launc
         else:
             run_stage(stage, ctx)
     if launch.under_launcher:
-        from .control import shutdown
+        from .cluster.control import shutdown
 
         shutdown()
     if launch.rank == 0 and not (launch.under_launcher and os.environ.get(PARENT_REPORTS)):
-        from .report import report_at_end
+        from .observe.report import report_at_end
 
         report_at_end(ctx.run_dir)  # charts, report.md, and where everything is; never fails the run
 
@@ -142,7 +145,7 @@ def preflight(ctx: Context, stages: list[str]) -> None:
     """What the local ranks of `stages` would refuse anyway, checked before they start: a bad config then
     fails in a second, with one message, not after every rank has started up. The ranks check it all
     again (under an external launcher nothing runs this)."""
-    from .local_launch import default_nproc
+    from .cluster.local_launch import default_nproc
 
     cfg = ctx.cfg
     for key, stage in TRAINING_KEYS:

@@ -101,7 +101,7 @@ def _entry_point(overrides: tuple[str, ...], patches: dict[str, Callable], log_t
     filters = [list(target.filters) for target in loggers]
     originals = {}
     # in this process the console stays as pytest set it up (the CLI points descriptors 1 and 2 at run_dir/logs)
-    patches = {"console.setup": lambda *args, **kwargs: None, **patches}
+    patches = {"observe.console.setup": lambda *args, **kwargs: None, **patches}
     for name, replacement in patches.items():
         module, attr = name.rsplit(".", 1)
         module = importlib.import_module(f"pipeline.{module}")
@@ -154,7 +154,7 @@ def run_in_process(*overrides: str) -> Checked:
     def needs_ranks(*args):
         raise WouldStartWork(f"`python -m pipeline {' '.join(overrides)}` starts local ranks: not in-process")
 
-    return _entry_point(overrides, {"local_launch.run_local_ranks": needs_ranks}, log_to_stdout=True)
+    return _entry_point(overrides, {"cluster.local_launch.run_local_ranks": needs_ranks}, log_to_stdout=True)
 
 
 def entry_point_arguments(*overrides: str) -> tuple:
@@ -504,7 +504,7 @@ def same_state(run_dir: Path, a: int, b: int, pattern: str) -> bool:
     in every file matching `pattern` (one per rank for ZeRO's partitions)."""
     import torch
 
-    from pipeline.checkpoint import tag_for
+    from pipeline.checkpoint.store import tag_for
 
     files = sorted((checkpoints(run_dir) / tag_for(a)).glob(pattern))
     assert files

@@ -23,8 +23,8 @@ from pathlib import Path
 # report); rank_preload: what each rank would do at start-up anyway
 PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "numpy", "sentencepiece", "deepspeed",
            "deepspeed.runtime.engine", "deepspeed.runtime.zero.stage_1_and_2", "deepspeed.runtime.zero.stage3",
-           "pipeline.runner", "pipeline.pretrain", "pipeline.finetune", "pipeline.engine", "pipeline.trainer",
-           "pipeline.data", "pipeline.mixture", "pipeline.checkpoint", "pipeline.elastic", "pipeline.report",
+           "pipeline.runner", "pipeline.stages.pretrain", "pipeline.stages.finetune", "pipeline.train.engine", "pipeline.train.trainer",
+           "pipeline.data.stream", "pipeline.data.mixture", "pipeline.checkpoint.store", "pipeline.checkpoint.elastic", "pipeline.observe.report",
            "matplotlib.figure", "matplotlib.backends.backend_agg", "rank_preload"]
 
 

@@ -40,7 +40,7 @@ def _tool(name: str) -> str:
 
 
 def free_ports(n: int) -> list[int]:
-    from pipeline.local_launch import free_port
+    from pipeline.cluster.local_launch import free_port
 
     ports: set[int] = set()
     while len(ports) < n:

@@ -1,5 +1,5 @@
 """Document masking (train.document_mask) and packed fine-tuning (finetune.pack_isolate): one mechanism,
-pipeline/attention_mask.py, on both of its mask kinds."""
+pipeline/train/attention_mask.py, on both of its mask kinds."""
 from __future__ import annotations
 
 import types
@@ -7,14 +7,14 @@ import types
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY, error_lines, fresh_run, records, run_config_checks, run_on_ranks
-from pipeline import attention_mask
+
 from pipeline.config import ModelConfig
-from pipeline.data import PretrainLoader, TokenStream
-from pipeline.model import Transformer
-from pipeline.trainer import Trainer
-from pipeline.vocab import EOS_ID
+from pipeline.data.stream import PretrainLoader, TokenStream, document_segments
+from pipeline.data.vocab import EOS_ID
+from pipeline.train import attention_mask
+from pipeline.train.model import Transformer
+from pipeline.train.trainer import Trainer
 
 VOCAB = 300
 KINDS = [attention_mask.DENSE, attention_mask.FLEX]  # flex: eager FlexAttention, forward only on CPU
@@ -36,7 +36,7 @@ def documents(lengths: list[int], seed: int = 3) -> list[torch.Tensor]:
 
 def test_segments_cut_after_each_eos():
     inputs = np.array([[5, 6, EOS_ID, 7, EOS_ID, EOS_ID, 8], [EOS_ID, 9, 9, 9, 9, 9, 9]])
-    assert attention_mask.document_segments(inputs, EOS_ID).tolist() == [[0, 0, 0, 1, 1, 2, 3],
+    assert document_segments(inputs, EOS_ID).tolist() == [[0, 0, 0, 1, 1, 2, 3],
                                                                        [0, 1, 1, 1, 1, 1, 1]]
 
 
@@ -48,7 +48,7 @@ def test_document_masking_gives_each_document_its_logits_alone(kind):
     model = tiny_model()
     docs = documents([9, 14, 20])
     window = torch.cat(docs)[None, :40]
-    segments = torch.from_numpy(attention_mask.document_segments(window.numpy(), EOS_ID))
+    segments = torch.from_numpy(document_segments(window.numpy(), EOS_ID))
     mask = attention_mask.build(segments, kind)
     assert attention_mask.is_block_mask(mask) == (kind == attention_mask.FLEX)
     with torch.no_grad():
@@ -93,7 +93,7 @@ def test_pretraining_and_packed_finetuning_share_one_mask(source, monkeypatch):
         loader = PretrainLoader(fake_stream(tokens), 16, 2, 2, seed=0, document_mask=True)
         batch = loader.next_global_batch()[0]
         inputs, _, segments = batch
-        assert torch.equal(segments, torch.from_numpy(attention_mask.document_segments(inputs.numpy(), EOS_ID)))
+        assert torch.equal(segments, torch.from_numpy(document_segments(inputs.numpy(), EOS_ID)))
         no_mask = PretrainLoader(fake_stream(tokens), 16, 2, 2, seed=0).next_global_batch()[0]
         assert len(no_mask) == 2 and torch.equal(no_mask[0], inputs)
     else:

@@ -1,4 +1,4 @@
-"""micro_batch_size=auto (pipeline/autobatch.py): the search, real CPU probes, bad values, and training on 2
+"""micro_batch_size=auto (pipeline/train/autobatch.py): the search, real CPU probes, bad values, and training on 2
 ranks."""
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY, error_lines, fresh_run, run_config_checks, run_on_ranks
-from pipeline import autobatch
-from pipeline.batching import BatchLayout
+
 from pipeline.config import DeepSpeedConfig, ModelConfig, PrecisionConfig, TrainConfig
+from pipeline.data.batching import BatchLayout
 from pipeline.errors import PipelineError
+from pipeline.train import autobatch
 
 
 def test_candidates_are_the_divisors_of_global_over_ranks():

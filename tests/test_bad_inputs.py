@@ -20,7 +20,6 @@ from typing import Callable
 import numpy as np
 import pytest
 import yaml
-
 from conftest import TINY, error_lines, run_cli, run_config_checks, run_in_process, write_jsonl
 
 # What a finished stage leaves behind; none of it may appear because of a failed run.
@@ -157,8 +156,8 @@ def no_shards(tmp: Path, small_run: Path) -> tuple[Path, list[str]]:
 def other_tokenizer(tmp: Path, small_run: Path) -> tuple[Path, list[str]]:
     """small_run's shards beside a tokenizer trained on the same corpus with another vocabulary."""
     from pipeline.config import DataConfig, TokenizerConfig
-    from pipeline.corpus import Corpus
-    from pipeline.tokenizer import train_tokenizer
+    from pipeline.data.corpus import Corpus
+    from pipeline.stages.tokenize import train_tokenizer
 
     run_dir = copied(small_run, tmp)
     train_tokenizer(Corpus([Path(corpus_of(small_run))], DataConfig(source="files")), TokenizerConfig(vocab_size=500),
@@ -270,7 +269,7 @@ def corrupt_shard(tmp: Path, small_run: Path) -> tuple[Path, list[str]]:
 def out_of_vocab_shard(tmp: Path, small_run: Path) -> tuple[Path, list[str]]:
     """A shard rewritten with some ids past the vocabulary, its manifest entry updated to match (size, hashes),
     as a writer with another tokenizer or a bug would leave it."""
-    from pipeline.indexed import IndexedDataset, IndexedDatasetWriter
+    from pipeline.data.indexed import IndexedDataset, IndexedDatasetWriter
 
     run_dir = copied(small_run, tmp)
     manifest_path = run_dir / "shards" / "manifest.json"
@@ -293,8 +292,8 @@ def llama_folder(folder: Path, vocab_size: int) -> Path:
     from safetensors.torch import save_file
 
     from pipeline.config import ModelConfig
-    from pipeline.hf_llama import to_hf_config, to_hf_state_dict
-    from pipeline.model import Transformer
+    from pipeline.hf.llama import to_hf_config, to_hf_state_dict
+    from pipeline.train.model import Transformer
 
     cfg = ModelConfig(vocab_size=vocab_size)
     folder.mkdir()

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from pipeline.checkpoint_writer import BackgroundWriter
+from pipeline.checkpoint.writer import BackgroundWriter
 from pipeline.errors import PipelineError
 
 

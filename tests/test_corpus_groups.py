@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import DataConfig
-from pipeline.corpus import Corpus, _runs_of_clean_files
+from pipeline.data.corpus import Corpus, _runs_of_clean_files
 from pipeline.errors import PipelineError
 
 
@@ -79,7 +79,7 @@ def test_batches_cut_at_the_document_that_fills_them(tmp_path, num_parts, batch_
 def test_flatten_with_eos():
     import numpy as np
 
-    from pipeline.shard import flatten_with_eos
+    from pipeline.stages.shard import flatten_with_eos
 
     flat, lengths = flatten_with_eos([np.array([5, 6], np.int32), np.array([], np.int32), np.array([7], np.int32)],
                                      eos=2, dtype=np.dtype(np.uint16))

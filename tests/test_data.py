@@ -1,4 +1,4 @@
-"""pipeline.data: token stream over shards, windows, seeded order, data parallelism, resumption, bad input.
+"""pipeline.data.stream: token stream over shards, windows, seeded order, data parallelism, resumption, bad input.
 
 Synthetic shards hold token t at stream position t (ids < 65000), so a window's first input token
 divided by seq_len is its sample index, and any misplaced token shows up.
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import PretrainLoader, eval_batches, open_split
+from pipeline.data.indexed import IndexedDatasetWriter
+from pipeline.data.stream import PretrainLoader, eval_batches, open_split
 from pipeline.errors import PipelineError
 from pipeline.fsutil import sha256_file
-from pipeline.indexed import IndexedDatasetWriter
 
 VOCAB = 65000
 SHARD_SIZES = (300, 257, 5, 420)  # tokens per train shard: seq_len 16 windows cross every boundary

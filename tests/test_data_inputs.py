@@ -8,10 +8,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import SMALL_RUN, error_lines, mixed_documents, run_cli, run_config_checks, run_in_process, write_jsonl
 
-from conftest import (SMALL_RUN, error_lines, mixed_documents, run_cli, run_config_checks, run_in_process,
-                      write_jsonl)
-from pipeline.distributed import LaunchInfo
+from pipeline.cluster.distributed import LaunchInfo
 
 DOCS = mixed_documents(200)
 
@@ -159,7 +158,7 @@ def test_launch_info_from_torchrun_and_slurm():
 
 
 def test_srun_variables_become_torch_variables():
-    from pipeline.distributed import export_torch_env, first_host
+    from pipeline.cluster.distributed import export_torch_env, first_host
 
     assert first_host("gpu[003-004,010],cpu1") == "gpu003"
     assert first_host("node7") == "node7"

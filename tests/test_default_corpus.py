@@ -1,4 +1,4 @@
-"""Tests for the built-in default corpus (pipeline/default_corpus.py)."""
+"""Tests for the built-in default corpus (pipeline/data/default_corpus.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import default_corpus as dc
+from pipeline.data import default_corpus as dc
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = 800  # documents: enough for file-handling tests, fast to write
@@ -50,7 +50,7 @@ def test_same_seed_is_byte_identical_across_processes(tmp_path, default_out):
     assert sha256s(again) == sha256s(out)
     # A fresh interpreter with a different str-hash salt must produce the same bytes.
     other = tmp_path / "subprocess"
-    code = f"from pipeline.default_corpus import write_default_corpus as w; w({str(other)!r})"
+    code = f"from pipeline.data.default_corpus import write_default_corpus as w; w({str(other)!r})"
     env = {**os.environ, "PYTHONHASHSEED": "4321", "PYTHONPATH": str(REPO_ROOT)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO_ROOT)
     assert sha256s(other) == sha256s(out)

@@ -11,9 +11,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import SMALL_RUN, TINY, error_lines, fresh_run, pretrain_cli, run_in_process, run_on_ranks
-from pipeline.checkpoint import verify
+
+from pipeline.checkpoint.store import verify
 from pipeline.layout import RunLayout
 
 MB = 1024  # tmpfs sizes are given in KiB
@@ -134,7 +134,7 @@ def test_the_checkpoint_writer_names_the_space_and_frees_a_failed_save(small_dis
     tells rank 0's commit to stop waiting is left."""
     import torch
 
-    from pipeline.checkpoint_writer import BackgroundWriter
+    from pipeline.checkpoint.writer import BackgroundWriter
 
     folder = small_disk("checkpoints", 256) / "step_00000004"
     folder.mkdir()

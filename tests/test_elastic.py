@@ -1,4 +1,4 @@
-"""Resuming on another number of ranks (pipeline/elastic.py): 2 → 1 → 2 ranks for ZeRO 0-3 equal an
+"""Resuming on another number of ranks (pipeline/checkpoint/elastic.py): 2 → 1 → 2 ranks for ZeRO 0-3 equal an
 uninterrupted 2-rank run step for step; the universal checkpoint holds the source's weights and Adam moments;
 a killed conversion leaves nothing that loads; ZeRO 3 in bf16 (with offload) continues where it stopped."""
 from __future__ import annotations
@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, ZERO_STEPS, checkpoint_copy, checkpoints, fresh_run, records, run_on_ranks
 
-from pipeline.checkpoint import find_resumable
-from pipeline.elastic import universal_folder
-
-from conftest import (TINY, ZERO_STEPS, checkpoint_copy, checkpoints, fresh_run, records, run_on_ranks)
+from pipeline.checkpoint.elastic import universal_folder
+from pipeline.checkpoint.store import find_resumable
 
 K = 2  # steps between changes of the world size: 2 ranks to K, 1 rank to 2K, 2 ranks to 3K
 # fp32, no dropout (the RNG streams are per rank, so they cannot survive a new world size), every step saved
@@ -95,7 +94,7 @@ def universal_state(folder: Path, name: str, key: str) -> torch.Tensor:
 
 def assert_same_state(source: Path, universal: Path) -> None:
     """The universal checkpoint's fp32 weights and Adam moments equal the source checkpoint's, to the bit."""
-    from pipeline.checkpoint_reader import consolidated_weights
+    from pipeline.checkpoint.reader import consolidated_weights
 
     weights = consolidated_weights(source)
     moments = {key: source_moments(source, key) for key in ("exp_avg", "exp_avg_sq")}
@@ -146,10 +145,10 @@ def test_two_ranks_to_one_and_back(tmp_path, reference, zero, extra, kill):
 
 
 def _prepare_thrice(source: str, logs: str) -> None:
-    """One rank: elastic.prepare converts, then finds the conversion done, then redoes a damaged one."""
+    """One rank: universal_checkpoint converts, then finds the conversion done, then redoes a damaged one."""
     import torch.distributed as dist
 
-    from pipeline import elastic
+    from pipeline.train.checkpointing import universal_checkpoint
 
     dist.init_process_group("gloo")
     handler = logging.FileHandler(logs)
@@ -157,16 +156,16 @@ def _prepare_thrice(source: str, logs: str) -> None:
     logging.getLogger().setLevel(logging.INFO)
     source = Path(source)
     record = json.loads((source / "complete.json").read_text())
-    target = elastic.prepare(source, record, "pretrain")
+    target = universal_checkpoint(source, record, "pretrain")
     assert target == universal_folder(source) and (target / "complete.json").is_file()
     stamp = (target / "complete.json").stat().st_mtime_ns
-    assert elastic.prepare(source, record, "pretrain") == target
+    assert universal_checkpoint(source, record, "pretrain") == target
     assert (target / "complete.json").stat().st_mtime_ns == stamp  # reused, not redone
     damaged = next((target / "zero").rglob("exp_avg.pt"))
     data = bytearray(damaged.read_bytes())
     data[-1] ^= 0xFF
     damaged.write_bytes(bytes(data))  # same size: only the sha256 tells
-    assert elastic.prepare(source, record, "pretrain") == target
+    assert universal_checkpoint(source, record, "pretrain") == target
     assert (target / "complete.json").stat().st_mtime_ns != stamp
 
 
@@ -200,8 +199,8 @@ def test_zero3_bf16_with_offload_continues_on_one_rank(tmp_path, zero_run):
 
 
 def test_a_global_batch_the_new_rank_count_cannot_divide_names_the_counts_that_work():
-    from pipeline.batching import BatchLayout
     from pipeline.config import TrainConfig
+    from pipeline.data.batching import BatchLayout
     from pipeline.errors import PipelineError
 
     with pytest.raises(PipelineError, match=r"rank counts that work with micro batch 2: 1, 2, 4$"):

@@ -1,5 +1,5 @@
-"""The eval stage: lm-evaluation-harness on the exports, offline (pipeline/eval_stage.py), and the built-in
-tasks (pipeline/eval_tasks.py). The trained model is conftest's builtin_pretrained (the built-in world, 300
+"""The eval stage: lm-evaluation-harness on the exports, offline (pipeline/stages/eval.py), and the built-in
+tasks (pipeline/data/eval_tasks.py). The trained model is conftest's builtin_pretrained (the built-in world, 300
 steps), exported and evaluated once here (`evaluated`); everything runs in-process (run_in_process)."""
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import error_lines, run_in_process, write_jsonl
 
-from pipeline.eval_stage import hub_dataset, metric_records
-from pipeline.eval_tasks import MC_TASK, QA_TASK, files_digest, task_files
+from pipeline.data.eval_tasks import MC_TASK, QA_TASK, files_digest, task_files
+from pipeline.stages.eval import hub_dataset, metric_records
 
 CHANCE = 0.25  # world_facts: four choices
 # every held-out item of world_facts (360): its stderr is what makes "above chance" mean something
@@ -49,7 +48,7 @@ def export_only(run_dir: Path, target: Path) -> Path:
 
 # -- the built-in tasks (fast) ---------------------------------------------------------------------------
 def test_built_in_tasks_hold_out_what_the_instruction_set_holds_out(tmp_path):
-    from pipeline.default_corpus import generate_world, instructions
+    from pipeline.data.default_corpus import generate_world, instructions
 
     world = generate_world(1234)
     files = task_files(1234, tmp_path)
@@ -132,8 +131,8 @@ def test_lm_eval_scores_after_the_eos_token_pretraining_separates_documents_by(e
 
     seen = []
     monkeypatch.setattr(lm_eval, "simple_evaluate", lambda model, **kwargs: seen.append(model) or {"results": {}})
-    from pipeline.eval_stage import evaluate
     from pipeline.config import EvalConfig
+    from pipeline.stages.eval import evaluate
 
     evaluate(evaluated / "export" / "pretrain", [MC_TASK], None, EvalConfig())
     assert seen[0].prefix_token_id == 2 and seen[0].tokenizer.decode([seen[0].prefix_token_id]) == "</s>"

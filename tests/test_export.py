@@ -14,17 +14,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported:
 
 import pytest
 import torch
-
 from conftest import ADVERSARIAL, ROOT, ZERO_STEPS
-from pipeline import export as ex
-from pipeline.chat import render
-from pipeline.checkpoint import RECORD, find_resumable, tag_for
+
+from pipeline.checkpoint.store import RECORD, find_resumable, tag_for
 from pipeline.config import ExportConfig, ModelConfig, PipelineConfig
+from pipeline.data.chat import render
+from pipeline.data.vocab import load_tokenizer
 from pipeline.errors import PipelineError
-from pipeline.hf_llama import expected_shapes, from_hf_state_dict
+from pipeline.hf.llama import expected_shapes, from_hf_state_dict
 from pipeline.layout import RunLayout
-from pipeline.model import Transformer, generate
-from pipeline.vocab import load_tokenizer
+from pipeline.stages import export as ex
+from pipeline.train.model import Transformer, generate
 
 MORE_TEXT = [
     "\t\t\tdeep\n\t\t\t\tdeeper\n", " leading space", "  two leading spaces", "trailing space ", "a  b   c    d     e",
@@ -250,7 +250,7 @@ def test_interrupted_export_never_leaves_a_folder_that_loads(trained, tmp_path, 
 
     # 2. the process dies halfway through the weights: only a staging folder remains, and it does not load
     code = (f"import os, sys; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path\n"
-            "import pipeline.export as ex, pipeline.hf_llama as hf\nfrom pipeline.config import ExportConfig, ModelConfig\n"
+            "import pipeline.stages.export as ex, pipeline.hf.llama as hf\nfrom pipeline.config import ExportConfig, ModelConfig\n"
             "from pipeline.layout import RunLayout\nreal = hf.write_safetensors\n"
             "def dying(path, entries, dtype):\n    real(path, entries[:2], dtype)\n    os._exit(9)\n"
             "hf.write_safetensors = dying\n"
@@ -286,7 +286,7 @@ def test_run_export_all_and_missing_checkpoints(trained, data_run):
 
 # -- a hand-made ZeRO 0 checkpoint (fast) ---------------------------------------------------------------------
 def write_stage0_checkpoint(run_dir: Path, model: Transformer, record_model: bool = True) -> None:
-    """The files pipeline.checkpoint writes for a ZeRO 0 run, with the model's weights."""
+    """The files pipeline.checkpoint.store writes for a ZeRO 0 run, with the model's weights."""
     folder = run_dir / "pretrain" / "checkpoints" / tag_for(7)
     folder.mkdir(parents=True)
     torch.save({"module": model.state_dict()}, folder / "mp_rank_00_model_states.pt")

@@ -15,10 +15,25 @@ from typing import Callable
 
 import pytest
 import torch
+from conftest import (
+    RESUME,
+    ROOT,
+    TINY,
+    Launch,
+    checkpoint_copy,
+    checkpoints,
+    error_lines,
+    fresh_run,
+    kill_tree,
+    records,
+    run_cli,
+    run_on_ranks,
+    same_state,
+    skip_records,
+    tensors,
+)
 
-from conftest import (RESUME, ROOT, TINY, Launch, checkpoint_copy, checkpoints, error_lines, fresh_run, kill_tree,
-                      records, run_cli, run_on_ranks, same_state, skip_records, tensors)
-from pipeline.checkpoint import RECORD, find_resumable, prune, tag_for, verify
+from pipeline.checkpoint.store import RECORD, find_resumable, prune, tag_for, verify
 
 
 def newest_good_step(run_dir: Path) -> int | None:

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import BUILTIN, BUILTIN_STEPS, mixed_documents, run_in_process, run_on_ranks, write_jsonl
-from pipeline.chat import IM_END, render
+
+from pipeline.data import sft as S
+from pipeline.data.chat import IM_END, render
 from pipeline.errors import PipelineError
-from pipeline import sft_data as S
 
 # -- a small tokenizer ----------------------------------------------------------------------------
 
@@ -28,9 +28,9 @@ SENTENCES = ["Where does Kakel Famevu live? Kakel Famevu lives in Vathbury, on t
 @pytest.fixture(scope="module")
 def sp(tmp_path_factory):
     from pipeline.config import DataConfig, TokenizerConfig
-    from pipeline.corpus import Corpus
-    from pipeline.tokenizer import train_tokenizer
-    from pipeline.vocab import load_tokenizer
+    from pipeline.data.corpus import Corpus
+    from pipeline.data.vocab import load_tokenizer
+    from pipeline.stages.tokenize import train_tokenizer
 
     folder = tmp_path_factory.mktemp("sp")
     docs = mixed_documents(200) + SENTENCES * 30
@@ -107,6 +107,7 @@ def test_records_without_an_assistant_turn_or_of_unknown_shape_are_refused(tmp_p
 def test_parquet_and_a_seeded_validation_split(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     from pipeline.config import FinetuneDataConfig
 
     records = [{"prompt": f"question {i}", "response": f"answer {i}"} for i in range(40)]
@@ -256,7 +257,7 @@ def copy_run(source: Path, target: Path, parts=("tokenizer", "shards", "data", "
 
 def answer_kind(prompt: str) -> str:
     """Which fact a built-in question asks for (the template it was written from)."""
-    from pipeline import default_corpus as D
+    from pipeline.data import default_corpus as D
 
     for kind, templates in {**D.PERSON_QUESTIONS, **D.TOWN_QUESTIONS}.items():
         for template in templates:
@@ -268,7 +269,7 @@ def answer_kind(prompt: str) -> str:
 
 def well_formed(kind: str, answer: str) -> bool:
     """The answer is the right kind of thing: a colour for a colour question, a year for a birth year..."""
-    from pipeline import default_corpus as D
+    from pipeline.data import default_corpus as D
 
     words = {"profession": D.PROFESSIONS, "pet": D.PETS, "colour": D.COLOURS, "food": D.FOODS}
     if kind in words:

@@ -10,7 +10,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from conftest import ADVERSARIAL
 
 TRANSFORMERS_4 = "4.57.6"
@@ -58,8 +57,8 @@ def encoded(python: str, folder: Path) -> dict:
 
 @pytest.mark.slow
 def test_the_export_tokenizer_loads_in_transformers_4_and_5_with_the_same_ids(data_run, tmp_path):
-    from pipeline.hf_tokenizer import write_tokenizer
-    from pipeline.vocab import load_tokenizer
+    from pipeline.data.vocab import load_tokenizer
+    from pipeline.hf.tokenizer import write_tokenizer
 
     folder = tmp_path / "export"
     folder.mkdir()

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from mmidx_reference import independent_read
-from pipeline.indexed import IndexedDataset, IndexedDatasetWriter, ShardInfo, token_dtype
+
+from pipeline.data.indexed import IndexedDataset, IndexedDatasetWriter, ShardInfo, token_dtype
 
 
 def random_docs(rng, n, vocab):

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, STEPS, TINY, error_lines, fresh_run, kill_tree, records
-from pipeline.local_launch import _failure, free_port
+
+from pipeline.cluster.local_launch import _failure, free_port
 
 LAUNCH = ROOT / "launch"
 
@@ -57,9 +57,9 @@ def test_every_launch_script_parses():
 
 
 def slurm_env(cmd_env: dict[str, str], *overrides: str) -> subprocess.CompletedProcess:
-    """`python -m pipeline.distributed slurm-env OVERRIDES` in a fabricated SLURM environment, nothing else set."""
+    """`python -m pipeline.cluster.distributed slurm-env OVERRIDES` in a fabricated SLURM environment, nothing else set."""
     env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), **cmd_env}
-    return subprocess.run([sys.executable, "-m", "pipeline.distributed", "slurm-env", *overrides], env=env, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "pipeline.cluster.distributed", "slurm-env", *overrides], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -134,7 +134,7 @@ def test_slurm_scripts_refuse_bad_usage_in_one_line(tmp_path):
 
 
 def test_deepspeed_launcher_variables_are_read():
-    from pipeline.distributed import LaunchInfo
+    from pipeline.cluster.distributed import LaunchInfo
 
     # deepspeed.launcher.launch sets LOCAL_SIZE, not torchrun's LOCAL_WORLD_SIZE
     info = LaunchInfo.from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_SIZE": "2",
@@ -215,7 +215,7 @@ def test_deepspeed_launcher_with_a_hostfile_trains_like_local_ranks(tmp_path, sm
 def test_a_signal_that_came_while_the_rank_was_starting_is_acted_on(tmp_path, monkeypatch):
     """launch/torchrun.sh writes the signal's name before it passes the signal on; a rank that had no handler
     yet (SLURM's --signal can come during startup) takes it from there once its handlers are in place."""
-    from pipeline import control
+    from pipeline.cluster import control
 
     sent = tmp_path / "signalled"
     sent.write_text("SIGUSR1\n")

@@ -1,4 +1,4 @@
-"""Data mixtures (pipeline/mixture.py, shard_sources.py): the blend, its plan, resume, per-source shards and
+"""Data mixtures (pipeline/data/mixture.py, shard_sources.py): the blend, its plan, resume, per-source shards and
 validation, other tools' shards as sources, and the bad inputs of data.sources."""
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY, error_lines, fresh_run, records, run_config_checks, run_in_process, run_on_ranks, write_jsonl
-from pipeline.config import DataConfig, PhaseConfig, PipelineConfig, SourceConfig, TokenizerConfig, validate
-from pipeline.data import open_split
+
+from pipeline.config import DataConfig, PhaseConfig, PipelineConfig, SourceConfig, TokenizerConfig
+from pipeline.data.indexed import IndexedDatasetWriter
+from pipeline.data.mixture import Blend, MixtureLoader, plan
+from pipeline.data.stream import open_split
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_write_json, sha256_file
-from pipeline.indexed import IndexedDatasetWriter
-from pipeline.mixture import Blend, MixtureLoader, plan
+from pipeline.validate import validate
 
 EOS, VOCAB, SEQ = 2, 1000, 16
 
@@ -118,7 +119,7 @@ def test_resume_mid_run_gives_the_uninterrupted_batches(three):
 
 def test_a_small_source_repeats_and_the_plan_says_so(three, caplog):
     ld = loader(three, WEIGHTS, micro=8)
-    with caplog.at_level(logging.INFO, logger="pipeline.mixture"):
+    with caplog.at_level(logging.INFO, logger="pipeline.data.mixture"):
         planned = plan(ld.blend, dict(zip(ld.names, ld.windows)), SEQ, 100, 32, max_repetitions=4)
     small = next(p for p in planned if p.name == "c")
     assert small.windows == (3000 - 1) // SEQ and small.samples == 640 and small.repetitions > 3
@@ -161,7 +162,7 @@ def megatron_shards(folder: Path, documents: list[np.ndarray], eod: bool = True)
     return folder
 
 
-EOS_OF_RUN = 2  # the pipeline's </s> id (pipeline/vocab.py)
+EOS_OF_RUN = 2  # the pipeline's </s> id (pipeline/data/vocab.py)
 
 
 def run_documents(run_dir: Path, n: int) -> list[np.ndarray]:
@@ -300,7 +301,7 @@ def test_a_source_with_no_documents_is_an_error_line(tmp_path, small_corpus):
 
 
 def test_tokenizer_sample_follows_the_weights():
-    from pipeline.tokenizer import sample_shares
+    from pipeline.stages.tokenize import sample_shares
 
     assert sample_shares([1000, 100], [0.5, 0.5], max_sample_mb=0) == [1.0, 1.0]  # 0: all of it
     keep = sample_shares([4e6, 4e6], [0.75, 0.25], max_sample_mb=2)

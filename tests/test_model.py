@@ -10,12 +10,25 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipeline import attention_mask
 from pipeline.config import ModelConfig
-from pipeline.hf_llama import (from_hf_state_dict, hf_name, model_config_from_hf, our_name, to_hf_config,
-                               to_hf_state_dict)
-from pipeline.model import (IGNORE_INDEX, Transformer, exact_matmul_flops_per_token, flops_per_token, generate,
-                            linear_cross_entropy, num_params)
+from pipeline.data.batching import IGNORE_INDEX
+from pipeline.hf.llama import (
+    from_hf_state_dict,
+    hf_name,
+    model_config_from_hf,
+    our_name,
+    to_hf_config,
+    to_hf_state_dict,
+)
+from pipeline.train import attention_mask
+from pipeline.train.model import (
+    Transformer,
+    exact_matmul_flops_per_token,
+    flops_per_token,
+    generate,
+    linear_cross_entropy,
+    num_params,
+)
 
 MODEL_CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
 VOCAB = 300

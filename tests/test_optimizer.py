@@ -9,14 +9,21 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import error_lines, run_config_checks
-from pipeline.checkpoint import tag_for
-from pipeline.config import (DeepSpeedConfig, ModelConfig, OptimizerConfig, PrecisionConfig, TrainConfig,
-                             optimizer_inputs, validate_optimizer)
-from pipeline.engine import build_muon, build_optimizer, deepspeed_config, muon_split
+
+from pipeline.checkpoint.store import tag_for
+from pipeline.config import (
+    DeepSpeedConfig,
+    ModelConfig,
+    OptimizerConfig,
+    PrecisionConfig,
+    TrainConfig,
+    optimizer_inputs,
+)
 from pipeline.errors import PipelineError
-from pipeline.model import Transformer
+from pipeline.train.engine import build_muon, build_optimizer, deepspeed_config, muon_split
+from pipeline.train.model import Transformer
+from pipeline.validate import validate_optimizer
 
 MUON = OptimizerConfig(name="muon")
 HIDDEN = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"}
@@ -114,9 +121,19 @@ def test_unsupported_combinations_end_with_one_error_line(tmp_path):
 
 
 # -- for real: 2 CPU ranks (run_on_ranks; the CLI where a run is killed or must end in an error line) --------
-from conftest import (TINY, Launch, checkpoints, fresh_run, records, run_in_process, run_on_ranks,  # noqa: E402
-                      same_state, skip_records, tensors)
-from conftest import pretrain_cli  # noqa: E402
+from conftest import (  # noqa: E402
+    TINY,
+    Launch,
+    checkpoints,
+    fresh_run,
+    pretrain_cli,  # noqa: E402
+    records,
+    run_in_process,
+    run_on_ranks,
+    same_state,
+    skip_records,
+    tensors,
+)
 
 
 def pretrain(run_dir, *overrides: str, env: dict | None = None) -> str:

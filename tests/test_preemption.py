@@ -13,7 +13,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import ROOT, TINY, fresh_run, run_cli
 from distributed import run_distributed_test
 
@@ -98,7 +97,7 @@ def steps_logged(run_dir: Path) -> set[int]:
 
 def assert_preempted_with_one_checkpoint(run: Run) -> int:
     """Exit 0, one complete checkpoint at the step reached, the stage not marked complete; returns the step."""
-    from pipeline.checkpoint import verify
+    from pipeline.checkpoint.store import verify
 
     stdout, stderr = run.out.read_text(), run.err.read_text()
     assert run.proc.returncode == 0, stderr[-4000:]
@@ -196,7 +195,7 @@ def test_a_hung_rank_fails_the_job_within_the_step_timeout(tmp_path, small_run, 
 def signal_on_rank_1_stops_both_at_the_stage_boundary() -> None:
     import torch.distributed as dist
 
-    from pipeline import control
+    from pipeline.cluster import control
 
     rank = dist.get_rank()
     control.setup(timeout_s=60, step_timeout_s=60)

@@ -11,9 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from conftest import (RESUME, STEPS, TINY, ZERO_STEPS, checkpoint_copy, error_lines, fresh_run, pretrain_cli,
-                      records, run_config_checks, run_on_ranks)
+from conftest import (
+    RESUME,
+    STEPS,
+    TINY,
+    ZERO_STEPS,
+    checkpoint_copy,
+    error_lines,
+    fresh_run,
+    pretrain_cli,
+    records,
+    run_config_checks,
+    run_on_ranks,
+)
 
 
 @pytest.mark.slow
@@ -97,7 +107,7 @@ def test_a_sequence_beyond_the_model_is_refused_before_any_work(tmp_path):
 
 def unigram_entropy(run_dir: Path) -> float:
     """Entropy (nats) of the train tokens' unigram distribution: the loss of a model that ignores context."""
-    from pipeline.data import manifest_sources, open_split
+    from pipeline.data.stream import manifest_sources, open_split
 
     counts = 0
     for source in manifest_sources(run_dir / "shards"):  # the blend's shares are close to the sources' own

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, error_lines, run_cli, write_jsonl
 
-from pipeline.report import load_metrics, overview_figure, save_png, stage_figure, write_report
+from pipeline.observe.report import load_metrics, overview_figure, save_png, stage_figure, write_report
 
 RUN = "exp1"
 
@@ -78,7 +77,7 @@ def metrics_file(run_dir: Path, records: list[dict], cut_short: bool = True) -> 
 
 def test_report_charts_are_matplotlib_pngs_and_report_md_has_the_final_losses(tmp_path):
     path = metrics_file(tmp_path, base_records())
-    proc = subprocess.run([sys.executable, "-m", "pipeline.report", f"run_dir={tmp_path}"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "pipeline.observe.report", f"run_dir={tmp_path}"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "report"
@@ -100,20 +99,20 @@ def test_report_charts_are_matplotlib_pngs_and_report_md_has_the_final_losses(tm
     metrics_file(tmp_path, [{**r, "mfu": None} if "mfu" in r else r for r in base_records()])
     write_report(tmp_path)
     assert not (out / "finetune-mfu.png").exists() and (out / "finetune-loss.png").exists()
-    proc = subprocess.run([sys.executable, "-m", "pipeline.report", f"run_dir={tmp_path / 'none'}"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "pipeline.observe.report", f"run_dir={tmp_path / 'none'}"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and len(error_lines(proc)) == 1 and "does not exist" in proc.stderr
 
 
 def test_a_report_that_cannot_be_written_is_only_a_warning(tmp_path, caplog):
-    from pipeline.report import report_at_end
+    from pipeline.observe.report import report_at_end
 
     caplog.set_level(logging.INFO)
     (tmp_path / "report").write_text("a file where the report folder goes")
     report_at_end(tmp_path)
     assert any(r.levelname == "WARNING" and "report: not written" in r.message for r in caplog.records)
     assert any("run finished: artifacts in" in r.message for r in caplog.records)
-    proc = subprocess.run([sys.executable, "-m", "pipeline.report", f"run_dir={tmp_path}"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "pipeline.observe.report", f"run_dir={tmp_path}"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and len(error_lines(proc)) == 1 and "cannot write the report" in proc.stderr
 
@@ -237,7 +236,7 @@ def test_overview_has_a_panel_per_stage_and_chart(tmp_path):
 NOISY = textwrap.dedent("""
     import logging, os, subprocess, sys, warnings
     from pathlib import Path
-    from pipeline import console
+    from pipeline.observe import console
 
     run_dir, rank, debug = Path(sys.argv[1]), None if sys.argv[2] == "none" else int(sys.argv[2]), sys.argv[3] == "1"
     console.setup(run_dir, rank, debug)

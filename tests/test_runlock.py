@@ -1,4 +1,4 @@
-"""The run lock (pipeline/runlock.py): one job at a time per run_dir; the processes of one job share it; a lock
+"""The run lock (pipeline/cluster/runlock.py): one job at a time per run_dir; the processes of one job share it; a lock
 whose holder is gone is taken over; shard parts of a job array lock only their part."""
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import SMALL_RUN, TINY, Launch, error_lines, fresh_run, pretrain_cli, run_in_process
 
-from conftest import SMALL_RUN, Launch, TINY, error_lines, fresh_run, pretrain_cli, run_in_process
+from pipeline.cluster.runlock import RUN_LOCK_ENV, Holder, acquire, job_identity, read_holder, run_lock
 from pipeline.errors import PipelineError
 from pipeline.layout import RunLayout
-from pipeline.runlock import RUN_LOCK_ENV, Holder, acquire, job_identity, read_holder, run_lock
 
 HOST = socket.gethostname()
 
@@ -79,7 +79,7 @@ def hold_on_ranks(run_dir: str) -> None:
     """One rank of a launch (run_distributed_test sets what torchrun would): inside the lock with its peers."""
     import torch.distributed as dist
 
-    from pipeline.distributed import LaunchInfo
+    from pipeline.cluster.distributed import LaunchInfo
 
     rank, layout = LaunchInfo.from_env().rank, RunLayout.of(run_dir)
     with run_lock(layout, 120, leader=rank == 0, part=None) as lock:
@@ -114,7 +114,7 @@ def test_a_dead_holder_on_this_host_is_taken_over_with_a_warning(tmp_path, caplo
     path = tmp_path / "locks" / "run.lock"
     pid = dead_pid()
     write_lock(path, "job-old", pid=pid)
-    with caplog.at_level(logging.WARNING, logger="pipeline.runlock"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.cluster.runlock"):
         lock = acquire(path, tmp_path, "job-new", leader=True, stale_s=120)
     assert lock.owner and read_holder(path)[0].job == "job-new"
     assert f"taking it over from job job-old on host {HOST}" in caplog.text
@@ -128,7 +128,7 @@ def test_another_hosts_lock_is_taken_over_once_its_heartbeat_is_stale(tmp_path, 
     with pytest.raises(PipelineError, match="in use by job job-far on host other-node"):
         acquire(path, tmp_path, "job-new", leader=True, stale_s=120)
     os.utime(path, (time.time() - 300, time.time() - 300))
-    with caplog.at_level(logging.WARNING, logger="pipeline.runlock"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.cluster.runlock"):
         lock = acquire(path, tmp_path, "job-new", leader=True, stale_s=120)
     assert "its heartbeat stopped 300 s ago" in caplog.text and lock.owner
     os.utime(path, (time.time() - 300, time.time() - 300))
@@ -144,7 +144,7 @@ def test_a_requeued_job_takes_its_own_lock_back(tmp_path, caplog):
     path = tmp_path / "locks" / "run.lock"
     for host, pid in (("other-node", 1), (HOST, dead_pid())):
         write_lock(path, "777", host=host, pid=pid)  # the first start's lock, left by the preempted holder
-        with caplog.at_level(logging.INFO, logger="pipeline.runlock"):
+        with caplog.at_level(logging.INFO, logger="pipeline.cluster.runlock"):
             lock = acquire(path, tmp_path, "777", leader=True, stale_s=120)
         assert lock.owner and read_holder(path)[0].pid == os.getpid()
         assert "restarted (a requeue): taking its lock back" in caplog.text

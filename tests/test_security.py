@@ -4,8 +4,8 @@ from __future__ import annotations
 import logging
 
 import pytest
-
 from conftest import TINY, run_cli
+
 from pipeline.redaction import REDACTED, RedactingFilter, redact, redact_text, redact_values
 
 SECRETS = {"WANDB_API_KEY": "sekrit123", "HF_TOKEN": "hf_Zq81mSecretTokenValue", "DB_PASSWORD": "pw-hunter2-xyz",

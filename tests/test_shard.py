@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sentencepiece as spm
-
 from conftest import ROOT, SMALL_RUN, mixed_documents, run_in_process, split_documents, write_jsonl
 from distributed import free_port
-from pipeline.shard import is_validation
+
+from pipeline.stages.shard import is_validation
 
 
 def test_shards_equal_a_direct_encode_plus_eos(small_run):

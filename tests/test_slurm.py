@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-
 from conftest import ROOT, SMALL_RUN, TINY, fresh_run, records, split_documents
 
 pytestmark = pytest.mark.slow
@@ -248,7 +247,7 @@ def test_a_time_limit_checkpoints_and_requeues_before_the_kill(slurm_cluster, tr
     assert int(job.info()["Restarts"]) >= 1
     if stopped:
         checkpoint = run_dir / "pretrain" / "checkpoints" / f"step_{stopped[0]:08d}"
-        from pipeline.checkpoint import verify
+        from pipeline.checkpoint.store import verify
 
         assert verify(checkpoint, digests=True)[0] is not None, verify(checkpoint, digests=True)[1]
 

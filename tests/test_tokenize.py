@@ -3,11 +3,11 @@ import hashlib
 
 import pytest
 import sentencepiece as spm
-
 from conftest import ADVERSARIAL, mixed_documents, run_in_process, write_jsonl
-from pipeline.indexed import IndexedDataset
-from pipeline.tokenizer import training_chunks
-from pipeline.vocab import CHAT_TOKENS
+
+from pipeline.data.indexed import IndexedDataset
+from pipeline.data.vocab import CHAT_TOKENS
+from pipeline.stages.tokenize import training_chunks
 
 
 @pytest.fixture(scope="module")

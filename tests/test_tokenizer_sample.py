@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 import sentencepiece as spm
-
 from conftest import write_jsonl
+
 from pipeline.config import DataConfig, TokenizerConfig
-from pipeline.corpus import Corpus
-from pipeline.tokenizer import train_tokenizer
+from pipeline.data.corpus import Corpus
+from pipeline.stages.tokenize import train_tokenizer
 
 
 def sampled_bytes(monkeypatch, tmp_path, docs: list[str], max_sample_mb: float) -> int:

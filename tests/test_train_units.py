@@ -3,13 +3,13 @@ import json
 
 import pytest
 
-from pipeline.checkpoint import RECORD, find_resumable, prune, verify
+from pipeline.checkpoint.store import RECORD, find_resumable, prune, verify
 from pipeline.config import DeepSpeedConfig, ModelConfig, PrecisionConfig, TrainConfig
+from pipeline.data.batching import BatchLayout
 from pipeline.errors import PipelineError
-from pipeline.model import Transformer
-from pipeline.batching import BatchLayout
-from pipeline.engine import deepspeed_config, param_groups
-from pipeline.schedule import lr_at
+from pipeline.train.engine import deepspeed_config, param_groups
+from pipeline.train.model import Transformer
+from pipeline.train.schedule import lr_at
 
 
 def test_schedules():
@@ -96,7 +96,7 @@ def test_metrics_rewind_drops_the_stage_records_past_the_resumed_step(tmp_path):
     """A run killed after its step-6 checkpoint had logged steps 7 and 8 and half a line; on resume those go,
     other stages' records stay, and the next record starts on its own line."""
     from pipeline.config import WandbConfig
-    from pipeline.metrics import MetricsLogger
+    from pipeline.observe.metrics import MetricsLogger
 
     lines = [{"stage": "pretrain", "step": 6, "loss": 1.0}, {"stage": "finetune", "step": 9, "loss": 2.0},
              {"stage": "pretrain", "step": 7, "loss": 0.9}, {"stage": "pretrain", "step": 8, "val_loss": 0.8}]
@@ -133,7 +133,7 @@ def test_wandb_keeps_the_steps_a_resumed_run_logs_again(tmp_path, monkeypatch):
     import wandb
 
     from pipeline.config import WandbConfig
-    from pipeline.metrics import MetricsLogger
+    from pipeline.observe.metrics import MetricsLogger
 
     run = MonotonicWandbRun(last_step=8)
     monkeypatch.setattr(wandb, "init", lambda **kwargs: run)
